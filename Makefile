@@ -1,0 +1,51 @@
+# Two commands: `make serve` to use the explorer, `make test` to check everything (what CI runs).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+# wasm-opt comes from npm binaryen (Debian's breaks hydration); cargo-leptos and wasm-bindgen from cargo.
+export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
+
+CARGO_LEPTOS_VERSION := 0.3.10
+# wasm-bindgen-cli must equal the wasm-bindgen crate in Cargo.lock.
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;q}' Cargo.lock)
+# cargo-leptos builds debug with this flag; sharing it lets clippy and tests reuse its build cache.
+TEST_RUSTFLAGS := --cfg erase_components
+URL := http://127.0.0.1:3000
+
+.PHONY: setup setup-test serve test release
+
+setup: end2end/node_modules/.installed
+	rustup target add wasm32-unknown-unknown
+	@if ! cargo leptos --version 2>/dev/null | grep -qwF '$(CARGO_LEPTOS_VERSION)'; then \
+		echo "installing cargo-leptos $(CARGO_LEPTOS_VERSION) (about 15 minutes)"; \
+		cargo install cargo-leptos --version $(CARGO_LEPTOS_VERSION) --locked; \
+	fi
+	@if ! wasm-bindgen --version 2>/dev/null | grep -qwF '$(WASM_BINDGEN_VERSION)'; then \
+		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (about 5 minutes)"; \
+		cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
+	fi
+
+# npm ci when node_modules is missing or older than the lockfile.
+end2end/node_modules/.installed: end2end/package-lock.json
+	cd end2end && npm ci --no-audit --no-fund
+	touch $@
+
+setup-test: setup
+	@if [ ! -x /usr/bin/chromium ]; then \
+		apt-get update && apt-get install -y chromium; \
+	fi
+
+serve: setup
+	@echo "Serving on $(URL) once built"
+	cargo leptos serve
+
+release: setup
+	cargo leptos build --release
+
+test: setup-test
+	@stage() { local name=$$1; shift; local t0=$$SECONDS; echo "== $$name: $$*"; "$$@"; \
+		echo "== $$name passed in $$((SECONDS - t0)) s"; }; \
+	stage fmt cargo fmt --all -- --check; \
+	RUSTFLAGS='$(TEST_RUSTFLAGS)' stage clippy cargo clippy --workspace --all-targets -- -D warnings; \
+	RUSTFLAGS='$(TEST_RUSTFLAGS)' stage test cargo test --workspace; \
+	stage end-to-end cargo leptos end-to-end

@@ -1,0 +1,4 @@
+//! The engine (model, CI, attribution), storage and serving for the SPD explorer.
+pub mod attribution;
+pub mod model;
+pub mod web;
