@@ -1,1 +1,16 @@
-//! Attribution graphs.
+//! Attribution graphs of one prompt (SPEC §3): which components drive which, by gradient × activation
+//! across one hop of the non-decomposed computation.
+pub mod active;
+pub mod graph;
+pub mod layer;
+pub mod normalize;
+pub mod prompt;
+pub mod sources;
+
+pub use active::{ActiveEntry, extract_active};
+pub use graph::{Edge, Graph, Thresholds, reference_graph};
+pub use layer::Layer;
+pub use normalize::normalize_by_target;
+pub use prompt::PromptCi;
+pub use sources::{Source, SourceMap};
+pub mod report;

@@ -1,1 +1,88 @@
-fn main() {}
+//! `attribute`: one prompt's CI, output probabilities and attribution graph as one JSON object.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use server::attribution::{PromptCi, SourceMap, Thresholds, reference_graph, report};
+use server::model::SpdModel;
+
+/// Computes the attribution graph of one prompt of an SPD run and prints it as JSON.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The SPD run: its directory, a model_<step>.pth, or a model.safetensors.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 3,17,5.
+    #[arg(long, value_delimiter = ',', conflicts_with = "text", required_unless_present = "text")]
+    tokens: Vec<u32>,
+    /// Text to tokenize with --tokenizer instead of --tokens.
+    #[arg(long, requires = "tokenizer")]
+    text: Option<String>,
+    /// A Hugging Face tokenizer.json (for --text).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Component nodes are alive where CI >= this.
+    #[arg(long, default_value_t = 0.1)]
+    ci_threshold: f32,
+    /// Output nodes are alive where the CI-masked model's probability >= this.
+    #[arg(long, default_value_t = 0.05)]
+    output_prob_threshold: f32,
+    /// L1-normalize the incoming edges of every target node.
+    #[arg(long)]
+    normalize: bool,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write the JSON here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = server::device::parse_device(&args.device)?;
+    let model = SpdModel::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let tokens = match (&args.text, &args.tokenizer) {
+        (Some(text), Some(tok)) => server::tokenizer::encode(tok, text)?,
+        _ => args.tokens.clone(),
+    };
+    let th = Thresholds {
+        ci: args.ci_threshold,
+        output_prob: args.output_prob_threshold,
+    };
+    let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let ci = PromptCi::compute(&model, &tokens).map_err(|e| e.to_string())?;
+    let ci_ms = start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let graph = reference_graph(&model, &sources, &ci, th).map_err(|e| e.to_string())?;
+    let graph_ms = start.elapsed().as_secs_f64() * 1e3;
+    let doc = report::report(
+        &model,
+        &sources,
+        &ci,
+        &graph,
+        th,
+        args.normalize,
+        report::Timing { ci_ms, graph_ms },
+    );
+    let text = serde_json::to_string(&doc).map_err(|e| e.to_string())?;
+    match &args.out {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
