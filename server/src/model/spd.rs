@@ -141,11 +141,11 @@ impl SpdModel {
         if device.same_device(&Device::Cpu) {
             Ok(model)
         } else {
-            Ok(model.to_device(device)?)
+            Ok(model.into_device(device)?)
         }
     }
 
-    fn to_device(self, device: &Device) -> Result<Self> {
+    fn into_device(self, device: &Device) -> Result<Self> {
         let mv = |t: &Tensor| t.to_device(device);
         let mvl = |l: &Linear| -> Result<Linear> {
             Ok(Linear {

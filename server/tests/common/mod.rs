@@ -9,7 +9,9 @@ use serde_json::Value;
 pub const FIXTURES: [&str; 3] = ["tiny_shared", "tiny_vector", "tiny_mlp"];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// `expected.json.gz` of a fixture.
@@ -19,7 +21,11 @@ pub fn expected(name: &str) -> Value {
 }
 
 pub fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 /// Max |a - b| over two `[rows][cols]` tables, asserting equal shapes.
@@ -67,8 +73,16 @@ pub fn edge_map(edges: &Value) -> HashMap<EdgeKey, f64> {
 pub fn compare_edges(ours: &Value, theirs: &Value, rel_tol: f64, what: &str) -> f64 {
     let ours = edge_map(ours);
     let theirs = edge_map(theirs);
-    let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).take(5).collect();
+    let missing: Vec<_> = theirs
+        .keys()
+        .filter(|k| !ours.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = ours
+        .keys()
+        .filter(|k| !theirs.contains_key(*k))
+        .take(5)
+        .collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "{what}: edge sets differ ({} ours, {} theirs); missing {missing:?}, extra {extra:?}",
@@ -79,7 +93,11 @@ pub fn compare_edges(ours: &Value, theirs: &Value, rel_tol: f64, what: &str) -> 
     let mut max_rel = 0f64;
     for (k, v) in &theirs {
         let rel = (ours[k] - v).abs() / scale;
-        assert!(rel <= rel_tol, "{what}: edge {k:?}: ours {} theirs {v} (rel {rel:e})", ours[k]);
+        assert!(
+            rel <= rel_tol,
+            "{what}: edge {k:?}: ours {} theirs {v} (rel {rel:e})",
+            ours[k]
+        );
         max_rel = max_rel.max(rel);
     }
     max_rel
@@ -92,7 +110,12 @@ pub fn active_map(v: &Value) -> BTreeMap<String, (f64, Vec<u64>)> {
         .iter()
         .map(|(k, e)| {
             let e = e.as_array().unwrap();
-            let pos = e[1].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+            let pos = e[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_u64().unwrap())
+                .collect();
             (k.clone(), (e[0].as_f64().unwrap(), pos))
         })
         .collect()

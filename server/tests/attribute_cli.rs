@@ -1,0 +1,136 @@
+//! The `attribute` binary: its JSON contract, and clean failures with exit code 2.
+
+mod common;
+
+use std::process::Command;
+
+use common::{compare_edges, expected, fixture_dir};
+use serde_json::Value;
+
+fn attribute(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_attribute"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn prints_the_fixture_graph_as_json() {
+    let exp = expected("tiny_vector");
+    let p = &exp["prompts"][0];
+    let tokens: Vec<String> = p["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let dir = fixture_dir("tiny_vector");
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--ci-threshold",
+        "0.1",
+        "--output-prob-threshold",
+        "0.05",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "tokens",
+        "ci",
+        "ci_upper_leaky",
+        "masked_output_probs",
+        "target_output_probs",
+        "sources_by_target",
+        "edges",
+        "active",
+        "timing_ms",
+    ] {
+        assert!(doc.get(key).is_some(), "missing key {key}");
+    }
+    assert_eq!(doc["sources_by_target"], exp["meta"]["sources_by_target"]);
+    compare_edges(
+        &doc["edges"],
+        &p["attr"]["ci0.1_out0.05"]["edges"],
+        1e-4,
+        "attribute cli",
+    );
+
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--normalize",
+    ]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    compare_edges(
+        &doc["edges"],
+        &p["attr"]["ci0.1_out0.05"]["edges_normalized"],
+        1e-4,
+        "attribute cli normalized",
+    );
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message() {
+    let dir = fixture_dir("tiny_mlp");
+    let dir = dir.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--model", "/no/such/run", "--tokens", "1,2"],
+            "/no/such/run",
+        ),
+        (
+            vec!["--model", dir, "--tokens", "1,2,500"],
+            "out of the vocabulary",
+        ),
+        (vec!["--model", dir, "--tokens", "1,x"], "invalid value"),
+        (
+            vec!["--model", dir, "--tokens", "1", "--device", "tpu"],
+            "expected `cpu` or `cuda:N`",
+        ),
+        (vec!["--model", dir], "--tokens"),
+    ] {
+        let out = attribute(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn text_is_tokenized_with_a_local_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"[UNK]":0,"the":5,"cat":17,"sat":3},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let run = fixture_dir("tiny_mlp");
+    let out = attribute(&[
+        "--model",
+        run.to_str().unwrap(),
+        "--text",
+        "the cat sat",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["tokens"], serde_json::json!([5, 17, 3]));
+}
