@@ -48,13 +48,22 @@ pub struct Graph {
 pub fn alive_nodes(ci: &PromptCi, masked_probs: &[Vec<f32>], th: Thresholds) -> Vec<Vec<Vec<u32>>> {
     let t = ci.tokens.len();
     let above = |row: &[f32], thr: f32| -> Vec<u32> {
-        row.iter().enumerate().filter(|(_, v)| **v >= thr).map(|(i, _)| i as u32).collect()
+        row.iter()
+            .enumerate()
+            .filter(|(_, v)| **v >= thr)
+            .map(|(i, _)| i as u32)
+            .collect()
     };
     let mut alive = vec![vec![vec![0u32]; t]];
     for module in &ci.lower {
         alive.push(module.iter().map(|row| above(row, th.ci)).collect());
     }
-    alive.push(masked_probs.iter().map(|row| above(row, th.output_prob)).collect());
+    alive.push(
+        masked_probs
+            .iter()
+            .map(|row| above(row, th.output_prob))
+            .collect(),
+    );
     alive
 }
 
@@ -69,7 +78,9 @@ pub fn reference_graph(
     let t = tokens.len();
     let n = model.modules.len();
     let fwd = model.leaf_forward(tokens, &ci.lower_tensors)?;
-    let host2 = |x: &Tensor| -> candle_core::Result<Vec<Vec<f32>>> { x.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2() };
+    let host2 = |x: &Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
+        x.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()
+    };
     let masked_logits = host2(&fwd.logits.detach())?;
     let masked_probs = host2(&softmax_last(&fwd.logits.detach())?)?;
     let alive = alive_nodes(ci, &masked_probs, th);
@@ -108,7 +119,9 @@ pub fn reference_graph(
                                     .zip(&leaf_vals[li][s_in])
                                     .map(|(g, a)| g * a)
                                     .sum::<f32>(),
-                                (Some(g), _) => g[s_in][c_in as usize] * leaf_vals[li][s_in][c_in as usize],
+                                (Some(g), _) => {
+                                    g[s_in][c_in as usize] * leaf_vals[li][s_in][c_in as usize]
+                                }
                             };
                             edges.push(Edge {
                                 source: src.layer,

@@ -24,7 +24,11 @@ impl Layer {
         match name {
             "wte" => Some(Layer::Wte),
             "output" => Some(Layer::Output),
-            _ => model.modules.iter().position(|m| m.name == name).map(Layer::Module),
+            _ => model
+                .modules
+                .iter()
+                .position(|m| m.name == name)
+                .map(Layer::Module),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Attribution graphs of one prompt (SPEC §3): which components drive which, by gradient × activation
 //! across one hop of the non-decomposed computation.
 pub mod active;
+pub mod fast;
 pub mod graph;
 pub mod layer;
 pub mod normalize;
@@ -8,6 +9,7 @@ pub mod prompt;
 pub mod sources;
 
 pub use active::{ActiveEntry, extract_active};
+pub use fast::FastEngine;
 pub use graph::{Edge, Graph, Thresholds, reference_graph};
 pub use layer::Layer;
 pub use normalize::normalize_by_target;

@@ -27,7 +27,9 @@ impl PromptCi {
         let tok = tokens_tensor(tokens, model.device())?;
         let out = model.ci(&tok)?;
         let host = |ts: &[Tensor]| -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
-            ts.iter().map(|t| t.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()).collect()
+            ts.iter()
+                .map(|t| t.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2())
+                .collect()
         };
         let probs = softmax_last(&out.target_logits)?;
         Ok(Self {
@@ -35,7 +37,11 @@ impl PromptCi {
             lower: host(&out.lower)?,
             upper: host(&out.upper)?,
             pre_sigmoid: host(&out.pre_sigmoid)?,
-            target_logits: out.target_logits.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()?,
+            target_logits: out
+                .target_logits
+                .squeeze(0)?
+                .to_device(&Device::Cpu)?
+                .to_vec2()?,
             target_probs: probs.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()?,
             lower_tensors: out.lower,
         })

@@ -26,7 +26,9 @@ impl SourceMap {
     /// leaves get gradient at earlier positions: those edges cross positions).
     pub fn probe(model: &SpdModel) -> candle_core::Result<Self> {
         let t = model.block_size().min(4);
-        let tokens: Vec<u32> = (0..t as u32).map(|i| i % model.vocab_size() as u32).collect();
+        let tokens: Vec<u32> = (0..t as u32)
+            .map(|i| i % model.vocab_size() as u32)
+            .collect();
         let fwd = model.leaf_forward(&tokens, &model.ones_masks(t)?)?;
         let leaf = |l: Layer| -> &Tensor {
             match l {
@@ -35,7 +37,9 @@ impl SourceMap {
                 Layer::Output => unreachable!("output is never a source"),
             }
         };
-        let nonzero = |g: &Tensor| -> candle_core::Result<bool> { Ok(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0) };
+        let nonzero = |g: &Tensor| -> candle_core::Result<bool> {
+            Ok(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0)
+        };
         let mut targets = Vec::new();
         for target in Layer::all(model).skip(1) {
             let act = match target {
@@ -46,7 +50,9 @@ impl SourceMap {
             let last = act.narrow(1, t - 1, 1)?.sum_all()?.backward()?;
             let mut sources = Vec::new();
             for src in Layer::all(model).take_while(|l| *l != Layer::Output) {
-                let Some(g) = all.get(leaf(src)) else { continue };
+                let Some(g) = all.get(leaf(src)) else {
+                    continue;
+                };
                 if !nonzero(g)? {
                     continue;
                 }
@@ -54,18 +60,25 @@ impl SourceMap {
                     Some(g) if t > 1 => nonzero(&g.narrow(1, 0, t - 1)?.sum_keepdim(D::Minus1)?)?,
                     _ => false,
                 };
-                sources.push(Source { layer: src, cross_seq });
+                sources.push(Source {
+                    layer: src,
+                    cross_seq,
+                });
             }
             if !sources.is_empty() {
                 targets.push((target, sources));
             }
         }
         // Residual readers (and `output`) before the in-block targets, as the original lists them.
-        targets.sort_by_key(|(tgt, srcs)| (srcs.first().map(|s| s.layer) != Some(Layer::Wte), *tgt));
+        targets
+            .sort_by_key(|(tgt, srcs)| (srcs.first().map(|s| s.layer) != Some(Layer::Wte), *tgt));
         Ok(Self { targets })
     }
 
     pub fn sources_of(&self, target: Layer) -> Option<&[Source]> {
-        self.targets.iter().find(|(t, _)| *t == target).map(|(_, s)| s.as_slice())
+        self.targets
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, s)| s.as_slice())
     }
 }

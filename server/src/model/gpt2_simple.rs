@@ -10,7 +10,7 @@ use super::checkpoint::TensorFile;
 use super::config::Gpt2Config;
 use super::error::LoadError;
 
-const LN_EPS: f64 = 1e-5;
+pub const LN_EPS: f64 = 1e-5;
 
 /// The six projection kinds of a block, in the order the model applies them (and names its modules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,13 +151,33 @@ pub struct Block {
     pub linears: [Linear; 6],
 }
 
-/// Called for every projection of the forward pass; returns the projection's output.
+/// The LayerNorm in front of a residual-stream reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LnSite {
+    /// `h.{i}.ln_1`, read by q/k/v.
+    Attn(usize),
+    /// `h.{i}.ln_2`, read by c_fc.
+    Mlp(usize),
+    /// `ln_f`, read by `lm_head`.
+    Final,
+}
+
+/// Called for every projection of the forward pass; returns the projection's output. The other
+/// methods observe intermediate values (for engines that need them) and default to nothing.
 pub trait LinearHook {
     /// The token embeddings `wte[t]` (`[B, T, d]`) before `wpe` is added.
     fn embed(&mut self, e: Tensor) -> Result<Tensor> {
         Ok(e)
     }
     fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor>;
+    /// The residual stream `[B, T, d]` as it enters the LayerNorm at `site`.
+    fn residual(&mut self, _site: LnSite, _x: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Attention probabilities `[B, H, T, T]` of a block.
+    fn attention_probs(&mut self, _block: usize, _probs: &Tensor) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The hook of the plain target model.
@@ -244,6 +264,14 @@ impl Gpt2Simple {
         self.wte.device()
     }
 
+    pub fn layer_norm(&self, site: LnSite) -> &LayerNorm {
+        match site {
+            LnSite::Attn(i) => &self.blocks[i].ln_1,
+            LnSite::Mlp(i) => &self.blocks[i].ln_2,
+            LnSite::Final => &self.ln_f,
+        }
+    }
+
     pub fn linear(&self, id: ModuleId) -> &Linear {
         &self.blocks[id.block].linears[id.kind as usize]
     }
@@ -267,11 +295,14 @@ impl Gpt2Simple {
         let mut x = e.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
         let mask = causal_mask(t, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
+            hook.residual(LnSite::Attn(i), &x)?;
             let h = block.ln_1.forward(&x)?;
             x = (x + self.attention(i, &h, &mask, hook)?)?;
+            hook.residual(LnSite::Mlp(i), &x)?;
             let h = block.ln_2.forward(&x)?;
             x = (x + self.mlp(i, &h, hook)?)?;
         }
+        hook.residual(LnSite::Final, &x)?;
         let x = self.ln_f.forward(&x)?;
         matmul_last(&x, &self.lm_head_t)
     }
@@ -295,6 +326,7 @@ impl Gpt2Simple {
         let v = heads(proj(ModuleKind::V)?)?;
         let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
         let att = softmax_last(&att.broadcast_add(mask)?)?;
+        hook.attention_probs(block, &att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let id = ModuleId {
             block,

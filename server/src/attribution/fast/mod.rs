@@ -1,0 +1,601 @@
+//! The fast attribution engine: the same edges as [`super::reference_graph`], from closed-form local
+//! Jacobians instead of one backward pass per target node.
+//!
+//! Every module's acts are leaves, so each edge is a one-hop effect through a short local function:
+//! LayerNorm + projection for residual readers (`q/k/v/c_fc`, `output`), one block's causal attention
+//! for `q/k/v → o_proj`, the GELU for `c_fc → down_proj`. One forward records what those functions
+//! need (residual rows, attention probabilities, projection outputs); then each edge is a dot product
+//! restricted to alive rows and columns.
+
+mod host;
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use self::host::{LnBackward, Mat, dot, gelu_tanh_grad};
+use super::graph::{Edge, Graph, Thresholds, alive_nodes};
+use super::layer::Layer;
+use super::prompt::PromptCi;
+use super::sources::{Source, SourceMap};
+use crate::model::gpt2_simple::{
+    LN_EPS, Linear, LinearHook, LnSite, ModuleId, ModuleKind, PlainForward, softmax_last,
+    tokens_tensor,
+};
+use crate::model::{RunError, SpdModel};
+
+/// How a target layer's edges are computed.
+#[derive(Debug, Clone)]
+enum Step {
+    /// LayerNorm at `site`, then the target's `V` column (or `lm_head` row for `output`).
+    Residual { site: LnSite, ln_weight: Vec<f32> },
+    /// `q/k/v → o_proj` through the causal attention of `block`.
+    Attention { block: usize },
+    /// `c_fc → down_proj` through the GELU of `block`.
+    Mlp { block: usize },
+}
+
+#[derive(Debug, Clone)]
+struct TargetPlan {
+    target: Layer,
+    step: Step,
+    sources: Vec<Source>,
+}
+
+/// Host copies of the weights the local Jacobians use, and the per-target plan. Build once per model.
+pub struct FastEngine {
+    plans: Vec<TargetPlan>,
+    /// Per decomposed module: `U` (`[C, d_out]`) and `Vᵀ` (`[C, d_in]`).
+    u: Vec<Mat>,
+    vt: Vec<Mat>,
+    /// `[vocab, d]`
+    lm_head: Mat,
+    n_head: usize,
+    head_dim: usize,
+}
+
+impl FastEngine {
+    /// Plans the closed forms for `model`. Refuses (with the reason) models whose structure they do
+    /// not cover: every block must have all six projections decomposed, so each edge is one hop.
+    pub fn new(model: &SpdModel, sources: &SourceMap) -> Result<Self, String> {
+        for block in 0..model.target.blocks.len() {
+            for kind in ModuleKind::ALL {
+                let id = ModuleId { block, kind };
+                if model.module_index(id).is_none() {
+                    return Err(format!(
+                        "the fast engine needs every projection decomposed; {} is not",
+                        id.name()
+                    ));
+                }
+            }
+        }
+        let kind_of = |l: Layer| match l {
+            Layer::Module(i) => Some(model.modules[i].id),
+            _ => None,
+        };
+        let is_writer = |s: &Source| {
+            !s.cross_seq
+                && (s.layer == Layer::Wte
+                    || kind_of(s.layer)
+                        .is_some_and(|id| matches!(id.kind, ModuleKind::O | ModuleKind::Down)))
+        };
+        let mut plans = Vec::new();
+        for (target, srcs) in &sources.targets {
+            let step = match kind_of(*target) {
+                None => Step::Residual {
+                    site: LnSite::Final,
+                    ln_weight: model
+                        .target
+                        .ln_f
+                        .weight
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1())
+                        .map_err(|e| e.to_string())?,
+                },
+                Some(id) => match id.kind {
+                    ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::CFc => {
+                        let site = if id.kind == ModuleKind::CFc {
+                            LnSite::Mlp(id.block)
+                        } else {
+                            LnSite::Attn(id.block)
+                        };
+                        let ln_weight = model
+                            .target
+                            .layer_norm(site)
+                            .weight
+                            .to_vec1()
+                            .map_err(|e| e.to_string())?;
+                        Step::Residual { site, ln_weight }
+                    }
+                    ModuleKind::O => Step::Attention { block: id.block },
+                    ModuleKind::Down => Step::Mlp { block: id.block },
+                },
+            };
+            let ok = match &step {
+                Step::Residual { .. } => srcs.iter().all(is_writer),
+                Step::Attention { block } => srcs.iter().all(|s| {
+                    kind_of(s.layer).is_some_and(|id| {
+                        id.block == *block
+                            && match id.kind {
+                                ModuleKind::Q => !s.cross_seq,
+                                ModuleKind::K | ModuleKind::V => s.cross_seq,
+                                _ => false,
+                            }
+                    })
+                }),
+                Step::Mlp { block } => {
+                    srcs.len() == 1
+                        && !srcs[0].cross_seq
+                        && kind_of(srcs[0].layer)
+                            == Some(ModuleId {
+                                block: *block,
+                                kind: ModuleKind::CFc,
+                            })
+                }
+            };
+            if !ok {
+                return Err(format!(
+                    "the fast engine has no closed form for the sources of {}",
+                    target.name(model)
+                ));
+            }
+            plans.push(TargetPlan {
+                target: *target,
+                step,
+                sources: srcs.clone(),
+            });
+        }
+        let host = |t: &Tensor| Mat::from_tensor(t).map_err(|e| e.to_string());
+        let mut u = Vec::new();
+        let mut vt = Vec::new();
+        for m in &model.modules {
+            u.push(host(&m.components.u)?);
+            vt.push(host(&m.components.v)?.transpose());
+        }
+        Ok(Self {
+            plans,
+            u,
+            vt,
+            lm_head: host(&model.target.lm_head_t)?.transpose(),
+            n_head: model.target.cfg.n_head,
+            head_dim: model.target.cfg.head_dim(),
+        })
+    }
+
+    /// The attribution graph of one prompt; same edges, same order as the reference engine.
+    pub fn graph(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+    ) -> Result<Graph, RunError> {
+        let rec = Recorded::run(model, ci)?;
+        let masked_logits = rec.logits.to_rows();
+        let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits_tensor)?)?.to_rows();
+        let alive = alive_nodes(ci, &masked_probs, th);
+        let n = model.modules.len();
+        // a' ⊙ mask: the factor every edge from a component source carries.
+        let coef: Vec<Mat> = rec
+            .acts
+            .iter()
+            .zip(&ci.lower)
+            .map(|(a, m)| {
+                let mask = Mat::from_rows(m);
+                Mat {
+                    data: a.data.iter().zip(&mask.data).map(|(x, y)| x * y).collect(),
+                    ..a.clone()
+                }
+            })
+            .collect();
+        let ctx = Ctx {
+            engine: self,
+            model,
+            rec: &rec,
+            alive: &alive,
+            coef: &coef,
+            n,
+        };
+        let mut edges = Vec::new();
+        for plan in &self.plans {
+            match &plan.step {
+                Step::Residual { site, ln_weight } => {
+                    ctx.residual(plan, *site, ln_weight, &mut edges)
+                }
+                Step::Attention { block } => ctx.attention(plan, *block, &mut edges),
+                Step::Mlp { block } => ctx.mlp(plan, *block, &mut edges),
+            }
+        }
+        Ok(Graph {
+            edges,
+            masked_probs,
+            masked_logits,
+            alive,
+            n_backward_passes: 0,
+        })
+    }
+}
+
+impl Mat {
+    fn to_rows(&self) -> Vec<Vec<f32>> {
+        self.data
+            .chunks(self.cols.max(1))
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+}
+
+/// What one CI-masked forward of the component model records for the local Jacobians.
+struct Recorded {
+    /// `wte[t]`, `[T, d]`
+    embed: Mat,
+    /// Outputs of every projection (masked component outputs where decomposed), `[T, d_out]`.
+    outputs: HashMap<ModuleId, Mat>,
+    /// Component acts `x V` of every decomposed module, `[T, C]`.
+    acts: Vec<Mat>,
+    /// The residual stream entering each LayerNorm, `[T, d]`.
+    residual: Vec<(LnSite, Mat)>,
+    /// Per block, attention probabilities `[H][T][T]` flattened.
+    probs: Vec<Vec<f32>>,
+    logits: Mat,
+    logits_tensor: Tensor,
+}
+
+impl Recorded {
+    fn run(model: &SpdModel, ci: &PromptCi) -> Result<Self, RunError> {
+        struct Hook<'a> {
+            model: &'a SpdModel,
+            masks: &'a [Tensor],
+            embed: Option<Tensor>,
+            outputs: Vec<(ModuleId, Tensor)>,
+            acts: Vec<Option<Tensor>>,
+            residual: Vec<(LnSite, Tensor)>,
+            probs: Vec<Tensor>,
+        }
+        impl LinearHook for Hook<'_> {
+            fn embed(&mut self, e: Tensor) -> candle_core::Result<Tensor> {
+                self.embed = Some(e.clone());
+                Ok(e)
+            }
+            fn linear(
+                &mut self,
+                id: ModuleId,
+                x: &Tensor,
+                linear: &Linear,
+            ) -> candle_core::Result<Tensor> {
+                let out = match self.model.module_index(id) {
+                    Some(i) => {
+                        let comps = &self.model.modules[i].components;
+                        let acts = comps.inner_acts(x)?;
+                        let out = comps.masked_output(&acts, &self.masks[i])?;
+                        self.acts[i] = Some(acts);
+                        out
+                    }
+                    None => PlainForward.linear(id, x, linear)?,
+                };
+                self.outputs.push((id, out.clone()));
+                Ok(out)
+            }
+            fn residual(&mut self, site: LnSite, x: &Tensor) -> candle_core::Result<()> {
+                self.residual.push((site, x.clone()));
+                Ok(())
+            }
+            fn attention_probs(
+                &mut self,
+                _block: usize,
+                probs: &Tensor,
+            ) -> candle_core::Result<()> {
+                self.probs.push(probs.clone());
+                Ok(())
+            }
+        }
+        let mut hook = Hook {
+            model,
+            masks: &ci.lower_tensors,
+            embed: None,
+            outputs: vec![],
+            acts: vec![None; model.modules.len()],
+            residual: vec![],
+            probs: vec![],
+        };
+        let tokens = tokens_tensor(&ci.tokens, model.device())?;
+        let logits = model.target.forward(&tokens, &mut hook)?;
+        let outputs = hook
+            .outputs
+            .iter()
+            .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            embed: Mat::from_tensor(&hook.embed.expect("the forward embeds"))?,
+            outputs,
+            acts: hook
+                .acts
+                .iter()
+                .map(|a| Mat::from_tensor(a.as_ref().expect("every module runs")))
+                .collect::<candle_core::Result<_>>()?,
+            residual: hook
+                .residual
+                .iter()
+                .map(|(s, t)| Ok((*s, Mat::from_tensor(t)?)))
+                .collect::<candle_core::Result<_>>()?,
+            probs: hook
+                .probs
+                .iter()
+                .map(|p| {
+                    p.flatten_all()?
+                        .to_device(&candle_core::Device::Cpu)?
+                        .to_vec1()
+                })
+                .collect::<candle_core::Result<_>>()?,
+            logits: Mat::from_tensor(&logits)?,
+            logits_tensor: logits,
+        })
+    }
+
+    fn residual_at(&self, site: LnSite) -> &Mat {
+        &self
+            .residual
+            .iter()
+            .find(|(s, _)| *s == site)
+            .expect("every LayerNorm runs")
+            .1
+    }
+}
+
+/// Everything the per-target loops read.
+struct Ctx<'a> {
+    engine: &'a FastEngine,
+    model: &'a SpdModel,
+    rec: &'a Recorded,
+    alive: &'a [Vec<Vec<u32>>],
+    coef: &'a [Mat],
+    n: usize,
+}
+
+impl Ctx<'_> {
+    fn alive(&self, layer: Layer, s: usize) -> &[u32] {
+        &self.alive[layer.index(self.n)][s]
+    }
+
+    fn module(&self, id: ModuleId) -> usize {
+        self.model
+            .module_index(id)
+            .expect("planned modules are decomposed")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        edges: &mut Vec<Edge>,
+        src: &Source,
+        target: Layer,
+        c_in: u32,
+        c_out: u32,
+        s_in: usize,
+        s_out: usize,
+        value: f32,
+    ) {
+        edges.push(Edge {
+            source: src.layer,
+            target,
+            c_in,
+            c_out,
+            s_in: s_in as u32,
+            s_out: s_out as u32,
+            value: value as f64,
+            is_cross_seq: src.cross_seq,
+        });
+    }
+
+    /// Residual readers: `∂act/∂x` through the LayerNorm, then one dot product per source row.
+    fn residual(&self, plan: &TargetPlan, site: LnSite, ln_weight: &[f32], edges: &mut Vec<Edge>) {
+        let e = self.engine;
+        let x = self.rec.residual_at(site);
+        let mut g = vec![0f32; x.cols];
+        for s in 0..x.rows {
+            let outs = self.alive(plan.target, s);
+            if outs.is_empty() {
+                continue;
+            }
+            let ln = LnBackward::new(x.row(s), LN_EPS);
+            for &c_out in outs {
+                let column = match plan.target {
+                    Layer::Module(i) => e.vt[i].row(c_out as usize),
+                    _ => e.lm_head.row(c_out as usize),
+                };
+                ln.apply(column, ln_weight, &mut g);
+                for src in &plan.sources {
+                    match src.layer {
+                        Layer::Wte => self.push(
+                            edges,
+                            src,
+                            plan.target,
+                            0,
+                            c_out,
+                            s,
+                            s,
+                            dot(self.rec.embed.row(s), &g),
+                        ),
+                        Layer::Module(j) => {
+                            for &c_in in self.alive(src.layer, s) {
+                                let v = self.coef[j].at(s, c_in as usize)
+                                    * dot(e.u[j].row(c_in as usize), &g);
+                                self.push(edges, src, plan.target, c_in, c_out, s, s, v);
+                            }
+                        }
+                        Layer::Output => unreachable!("output is never a source"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `q/k/v → o_proj` of one block, from the softmax attention's derivatives.
+    fn attention(&self, plan: &TargetPlan, block: usize, edges: &mut Vec<Edge>) {
+        let e = self.engine;
+        let (nh, hd) = (e.n_head, e.head_dim);
+        let inv_sqrt = 1.0 / (hd as f32).sqrt();
+        let id = |kind| ModuleId { block, kind };
+        let (q, k, v) = (
+            &self.rec.outputs[&id(ModuleKind::Q)],
+            &self.rec.outputs[&id(ModuleKind::K)],
+            &self.rec.outputs[&id(ModuleKind::V)],
+        );
+        let t = q.rows;
+        let probs = &self.rec.probs[block];
+        let p = |h: usize, s: usize, s2: usize| probs[(h * t + s) * t + s2];
+        let o = self.module(id(ModuleKind::O));
+        let vt_o = &e.vt[o];
+        let head = |h: usize| h * hd..(h + 1) * hd;
+        let (iq, ik, iv) = (
+            self.module(id(ModuleKind::Q)),
+            self.module(id(ModuleKind::K)),
+            self.module(id(ModuleKind::V)),
+        );
+        let mut w = vec![0f32; nh * t];
+        let mut wbar = vec![0f32; nh];
+        let mut rho = vec![0f32; nh * hd];
+        for s_out in 0..t {
+            let outs = self.alive(plan.target, s_out);
+            if outs.is_empty() {
+                continue;
+            }
+            // Uₖ[c_in]·q_h[s_out] for every alive k row up to s_out: shared by all targets at s_out.
+            let kq: Vec<Vec<f32>> = (0..=s_out)
+                .map(|s_in| {
+                    let qrow = q.row(s_out);
+                    self.alive(Layer::Module(ik), s_in)
+                        .iter()
+                        .flat_map(|&c| {
+                            let urow = e.u[ik].row(c as usize);
+                            (0..nh).map(move |h| dot(&urow[head(h)], &qrow[head(h)]))
+                        })
+                        .collect()
+                })
+                .collect();
+            for &c_out in outs {
+                let col = vt_o.row(c_out as usize);
+                for h in 0..nh {
+                    let beta = &col[head(h)];
+                    let mut acc = 0f32;
+                    for s2 in 0..=s_out {
+                        let vrow = v.row(s2);
+                        let wv = dot(&vrow[head(h)], beta);
+                        w[h * t + s2] = wv;
+                        acc += p(h, s_out, s2) * wv;
+                    }
+                    wbar[h] = acc;
+                }
+                for src in &plan.sources {
+                    let Layer::Module(j) = src.layer else {
+                        unreachable!("attention sources are modules")
+                    };
+                    if j == iq {
+                        for h in 0..nh {
+                            let r = &mut rho[h * hd..(h + 1) * hd];
+                            r.fill(0.0);
+                            for s2 in 0..=s_out {
+                                let f = p(h, s_out, s2) * (w[h * t + s2] - wbar[h]) * inv_sqrt;
+                                let krow = k.row(s2);
+                                for (ri, ki) in r.iter_mut().zip(&krow[head(h)]) {
+                                    *ri += f * ki;
+                                }
+                            }
+                        }
+                        for &c_in in self.alive(src.layer, s_out) {
+                            let urow = e.u[j].row(c_in as usize);
+                            let g: f32 = (0..nh)
+                                .map(|h| dot(&urow[head(h)], &rho[h * hd..(h + 1) * hd]))
+                                .sum();
+                            self.push(
+                                edges,
+                                src,
+                                plan.target,
+                                c_in,
+                                c_out,
+                                s_out,
+                                s_out,
+                                self.coef[j].at(s_out, c_in as usize) * g,
+                            );
+                        }
+                    } else if j == ik {
+                        for (s_in, kq_row) in kq.iter().enumerate() {
+                            for (a, &c_in) in self.alive(src.layer, s_in).iter().enumerate() {
+                                let g: f32 = (0..nh)
+                                    .map(|h| {
+                                        kq_row[a * nh + h]
+                                            * p(h, s_out, s_in)
+                                            * (w[h * t + s_in] - wbar[h])
+                                            * inv_sqrt
+                                    })
+                                    .sum();
+                                self.push(
+                                    edges,
+                                    src,
+                                    plan.target,
+                                    c_in,
+                                    c_out,
+                                    s_in,
+                                    s_out,
+                                    self.coef[j].at(s_in, c_in as usize) * g,
+                                );
+                            }
+                        }
+                    } else if j == iv {
+                        for s_in in 0..=s_out {
+                            for &c_in in self.alive(src.layer, s_in) {
+                                let urow = e.u[j].row(c_in as usize);
+                                let g: f32 = (0..nh)
+                                    .map(|h| p(h, s_out, s_in) * dot(&urow[head(h)], &col[head(h)]))
+                                    .sum();
+                                self.push(
+                                    edges,
+                                    src,
+                                    plan.target,
+                                    c_in,
+                                    c_out,
+                                    s_in,
+                                    s_out,
+                                    self.coef[j].at(s_in, c_in as usize) * g,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `c_fc → down_proj`: `Σ_j U_cfc[c_in, j] · gelu'(h_j) · V_down[j, c_out]`.
+    fn mlp(&self, plan: &TargetPlan, block: usize, edges: &mut Vec<Edge>) {
+        let e = self.engine;
+        let h = &self.rec.outputs[&ModuleId {
+            block,
+            kind: ModuleKind::CFc,
+        }];
+        let src = &plan.sources[0];
+        let Layer::Module(j) = src.layer else {
+            unreachable!("planned as c_fc")
+        };
+        let Layer::Module(i) = plan.target else {
+            unreachable!("planned as down_proj")
+        };
+        let mut tmp = vec![0f32; h.cols];
+        for s in 0..h.rows {
+            let outs = self.alive(plan.target, s);
+            if outs.is_empty() {
+                continue;
+            }
+            let grad: Vec<f32> = h.row(s).iter().map(|x| gelu_tanh_grad(*x)).collect();
+            for &c_out in outs {
+                for ((t, v), g) in tmp.iter_mut().zip(e.vt[i].row(c_out as usize)).zip(&grad) {
+                    *t = v * g;
+                }
+                for &c_in in self.alive(src.layer, s) {
+                    let v =
+                        self.coef[j].at(s, c_in as usize) * dot(e.u[j].row(c_in as usize), &tmp);
+                    self.push(edges, src, plan.target, c_in, c_out, s, s, v);
+                }
+            }
+        }
+    }
+}
