@@ -55,6 +55,26 @@ fn prints_the_fixture_graph_as_json() {
         assert!(doc.get(key).is_some(), "missing key {key}");
     }
     assert_eq!(doc["sources_by_target"], exp["meta"]["sources_by_target"]);
+    assert_eq!(
+        doc["n_backward_passes"], 0,
+        "the fast engine is the default"
+    );
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--engine",
+        "reference",
+    ]);
+    let reference: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(reference["n_backward_passes"].as_u64().unwrap() > 0);
+    compare_edges(
+        &reference["edges"],
+        &p["attr"]["ci0.1_out0.05"]["edges"],
+        1e-4,
+        "attribute cli reference engine",
+    );
     compare_edges(
         &doc["edges"],
         &p["attr"]["ci0.1_out0.05"]["edges"],

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use server::attribution::{PromptCi, SourceMap, Thresholds, reference_graph, report};
+use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds, reference_graph, report};
 use server::model::SpdModel;
 
 /// Computes the attribution graph of one prompt of an SPD run and prints it as JSON.
@@ -16,7 +16,12 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 3,17,5.
-    #[arg(long, value_delimiter = ',', conflicts_with = "text", required_unless_present = "text")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "text",
+        required_unless_present = "text"
+    )]
     tokens: Vec<u32>,
     /// Text to tokenize with --tokenizer instead of --tokens.
     #[arg(long, requires = "tokenizer")]
@@ -36,9 +41,19 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `fast` (closed-form local Jacobians) or `reference` (one backward pass per target node, as the
+    /// original); both give the same edges.
+    #[arg(long, value_enum, default_value_t = Engine::Fast)]
+    engine: Engine,
     /// Write the JSON here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Fast,
+    Reference,
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -53,11 +68,25 @@ fn run(args: Args) -> Result<(), String> {
         output_prob: args.output_prob_threshold,
     };
     let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
+    let fast = match args.engine {
+        Engine::Reference => None,
+        Engine::Fast => match FastEngine::new(&model, &sources) {
+            Ok(engine) => Some(engine),
+            Err(why) => {
+                eprintln!("note: {why}; using the reference engine");
+                None
+            }
+        },
+    };
     let start = Instant::now();
     let ci = PromptCi::compute(&model, &tokens).map_err(|e| e.to_string())?;
     let ci_ms = start.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
-    let graph = reference_graph(&model, &sources, &ci, th).map_err(|e| e.to_string())?;
+    let graph = match &fast {
+        Some(engine) => engine.graph(&model, &ci, th),
+        None => reference_graph(&model, &sources, &ci, th),
+    }
+    .map_err(|e| e.to_string())?;
     let graph_ms = start.elapsed().as_secs_f64() * 1e3;
     let doc = report::report(
         &model,

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod gpt2_simple;
 pub mod spd;
+pub mod synthetic;
 
 pub use error::{LoadError, RunError};
 pub use gpt2_simple::{ModuleId, ModuleKind};

@@ -1,0 +1,82 @@
+//! Property test: on random small models (random shapes, all three CI-fn types, random prompts and
+//! thresholds) the fast engine gives the reference engine's edges: same set, same order, values within
+//! 1e-4 of the largest |edge|.
+
+use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds, reference_graph};
+use server::model::config::CiFnType;
+use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+
+#[test]
+fn fast_engine_equals_reference_on_random_models() {
+    let mut rng = Rng::new(2024);
+    let kinds = [CiFnType::SharedMlp, CiFnType::VectorMlp, CiFnType::Mlp];
+    let mut total_edges = 0;
+    for case in 0..40 {
+        let n_head = [1, 2, 4][rng.below(3)];
+        let spec = SyntheticSpec {
+            n_layer: 1 + rng.below(2),
+            n_head,
+            n_embd: n_head * [2, 4, 8][rng.below(3)],
+            vocab_size: 20 + rng.below(30),
+            block_size: 16,
+            c: 3 + rng.below(10),
+            ci_fn_type: kinds[case % 3],
+            ci_hidden: (0..1 + rng.below(2)).map(|_| 2 + rng.below(5)).collect(),
+            ci_active_frac: 0.2 + 0.4 * rng.uniform(),
+            seed: rng.next_u64(),
+        };
+        let model = synthetic_model(&spec).unwrap();
+        let sources = SourceMap::probe(&model).unwrap();
+        let fast = FastEngine::new(&model, &sources).unwrap();
+        let len = 1 + rng.below(10);
+        let tokens: Vec<u32> = (0..len)
+            .map(|_| rng.below(spec.vocab_size) as u32)
+            .collect();
+        let th = Thresholds {
+            ci: [0.0, 1e-6, 0.05, 0.3][rng.below(4)],
+            output_prob: [0.01, 0.05, 0.2][rng.below(3)],
+        };
+        let ci = PromptCi::compute(&model, &tokens).unwrap();
+        let want = reference_graph(&model, &sources, &ci, th).unwrap();
+        let got = fast.graph(&model, &ci, th).unwrap();
+        let what = format!("case {case}: {spec:?} tokens {tokens:?} {th:?}");
+        assert_eq!(got.edges.len(), want.edges.len(), "{what}");
+        let scale = want
+            .edges
+            .iter()
+            .fold(0f64, |m, e| m.max(e.value.abs()))
+            .max(1e-12);
+        for (g, w) in got.edges.iter().zip(&want.edges) {
+            assert_eq!(
+                (
+                    g.source,
+                    g.target,
+                    g.c_in,
+                    g.c_out,
+                    g.s_in,
+                    g.s_out,
+                    g.is_cross_seq
+                ),
+                (
+                    w.source,
+                    w.target,
+                    w.c_in,
+                    w.c_out,
+                    w.s_in,
+                    w.s_out,
+                    w.is_cross_seq
+                ),
+                "{what}"
+            );
+            assert!(
+                (g.value - w.value).abs() <= 1e-4 * scale,
+                "{what}: {g:?} vs {w:?}"
+            );
+        }
+        total_edges += want.edges.len();
+    }
+    assert!(
+        total_edges > 1000,
+        "the cases should exercise many edges, got {total_edges}"
+    );
+}
