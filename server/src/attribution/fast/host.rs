@@ -112,15 +112,15 @@ impl LnBackward {
         let d = g.len() as f32;
         let mut m1 = 0f32;
         let mut m2 = 0f32;
-        for i in 0..g.len() {
-            let gt = g[i] * w[i];
-            out[i] = gt;
+        for (((o, gi), wi), xh) in out.iter_mut().zip(g).zip(w).zip(&self.xhat) {
+            let gt = gi * wi;
+            *o = gt;
             m1 += gt;
-            m2 += gt * self.xhat[i];
+            m2 += gt * xh;
         }
         let (m1, m2) = (m1 / d, m2 / d);
-        for i in 0..g.len() {
-            out[i] = (out[i] - m1 - self.xhat[i] * m2) * self.inv_sigma;
+        for (o, xh) in out.iter_mut().zip(&self.xhat) {
+            *o = (*o - m1 - xh * m2) * self.inv_sigma;
         }
     }
 }

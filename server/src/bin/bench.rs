@@ -1,0 +1,184 @@
+//! `bench`: times the attribution engines and the CI pass on a model shaped like the real 1.25M
+//! SimpleStories decomposition (random weights, ~2% of CI values > 0), all in one process.
+//!
+//! Not a test: run it on an idle machine (`make bench`) and record the machine and load average.
+
+use std::time::Instant;
+
+use clap::Parser;
+use server::attribution::{FastEngine, Graph, PromptCi, SourceMap, Thresholds, reference_graph};
+use server::model::SpdModel;
+use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+
+/// Benchmarks the reference and fast attribution engines and the CI pass.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    /// Prompt length for the engine comparison.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Timed repetitions of the fast engine and the CI pass (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Skip the (slow) reference engine.
+    #[arg(long)]
+    skip_reference: bool,
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
+fn peak_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn assert_same_edges(fast: &Graph, reference: &Graph) {
+    assert_eq!(fast.edges.len(), reference.edges.len(), "edge count");
+    let scale = reference
+        .edges
+        .iter()
+        .fold(0f64, |m, e| m.max(e.value.abs()))
+        .max(1e-30);
+    let mut max_rel = 0f64;
+    for (a, b) in fast.edges.iter().zip(&reference.edges) {
+        assert_eq!(
+            (a.source, a.target, a.c_in, a.c_out, a.s_in, a.s_out),
+            (b.source, b.target, b.c_in, b.c_out, b.s_in, b.s_out)
+        );
+        max_rel = max_rel.max((a.value - b.value).abs() / scale);
+    }
+    assert!(
+        max_rel <= 1e-4,
+        "values differ by {max_rel:e} of the largest |edge|"
+    );
+    println!(
+        "  check: fast == reference ({} edges, max difference {max_rel:.1e} of max |edge|)",
+        fast.edges.len()
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    let spec = SyntheticSpec::simple_stories_1m();
+    println!("bench model: {spec:?}");
+    let t = Instant::now();
+    let model: SpdModel = synthetic_model(&spec).expect("build the bench model");
+    let sources = SourceMap::probe(&model).expect("probe sources");
+    let fast = FastEngine::new(&model, &sources).expect("fast engine");
+    println!(
+        "built in {:.1} s; threads: 1 (single-threaded engines)",
+        t.elapsed().as_secs_f64()
+    );
+    let mut rng = Rng::new(7);
+    let prompt = |n: usize, rng: &mut Rng| -> Vec<u32> {
+        (0..n).map(|_| rng.below(spec.vocab_size) as u32).collect()
+    };
+    let tokens = prompt(args.tokens, &mut rng);
+
+    println!(
+        "\n{:>10} {:>8} {:>10} {:>10} {:>10} {:>8} {:>12} {:>9} {:>9}",
+        "ci_thr",
+        "tokens",
+        "edges",
+        "ci_pass_s",
+        "fast_s",
+        "ref_s",
+        "ref/fast",
+        "edges/s",
+        "peak_MiB"
+    );
+    for ci_thr in [0.1f32, 1e-6] {
+        let th = Thresholds {
+            ci: ci_thr,
+            output_prob: 0.01,
+        };
+        reset_peak();
+        let ci_s = median_secs(args.reps, || {
+            PromptCi::compute(&model, &tokens).expect("ci");
+        });
+        let ci = PromptCi::compute(&model, &tokens).expect("ci");
+        let mut graph = None;
+        let fast_s = median_secs(args.reps, || {
+            graph = Some(fast.graph(&model, &ci, th).expect("fast graph"))
+        });
+        let graph = graph.expect("ran at least once");
+        let fast_peak = peak_mib();
+        let (ref_s, ratio) = if args.skip_reference {
+            (f64::NAN, f64::NAN)
+        } else {
+            let t = Instant::now();
+            let reference = reference_graph(&model, &sources, &ci, th).expect("reference graph");
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "  reference: {} backward passes",
+                reference.n_backward_passes
+            );
+            assert_same_edges(&graph, &reference);
+            (s, s / fast_s)
+        };
+        let n_edges = graph.edges.len();
+        let cross = graph.edges.iter().filter(|e| e.is_cross_seq).count();
+        println!(
+            "{:>10} {:>8} {:>10} {:>10.4} {:>10.4} {:>8.2} {:>12.1} {:>9.2e} {:>9.0}",
+            ci_thr,
+            tokens.len(),
+            n_edges,
+            ci_s,
+            fast_s,
+            ref_s,
+            ratio,
+            n_edges as f64 / fast_s,
+            fast_peak
+        );
+        println!("  ({cross} cross-position edges)");
+    }
+
+    println!("\nfast engine at longer prompts (ci_threshold 0.1, output_prob 0.01):");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>9}",
+        "tokens", "edges", "ci_pass_s", "fast_s", "peak_MiB"
+    );
+    for n in [128usize, spec.block_size] {
+        let tokens = prompt(n, &mut rng);
+        let th = Thresholds {
+            ci: 0.1,
+            output_prob: 0.01,
+        };
+        reset_peak();
+        let ci_s = median_secs(args.reps.min(3), || {
+            PromptCi::compute(&model, &tokens).expect("ci");
+        });
+        let ci = PromptCi::compute(&model, &tokens).expect("ci");
+        let mut n_edges = 0;
+        let fast_s = median_secs(args.reps.min(3), || {
+            n_edges = fast.graph(&model, &ci, th).expect("graph").edges.len()
+        });
+        println!(
+            "{:>8} {:>10} {:>10.4} {:>10.4} {:>9.0}",
+            n,
+            n_edges,
+            ci_s,
+            fast_s,
+            peak_mib()
+        );
+    }
+}
