@@ -54,6 +54,9 @@ pub fn App() -> impl IntoView {
 fn GraphPage() -> impl IntoView {
     let graph = Resource::new(|| 0u32, get_graph);
     let canvas = NodeRef::<leptos::html::Canvas>::new();
+    // The backing store is sized in device pixels, so redraw when the window changes size.
+    let resized = RwSignal::new(0u32);
+    let _ = window_event_listener(leptos::ev::resize, move |_| resized.update(|n| *n += 1));
 
     // Effects run only in the browser, after hydration: the flag tells tests the wasm is live.
     Effect::new(move || {
@@ -64,6 +67,7 @@ fn GraphPage() -> impl IntoView {
     });
 
     Effect::new(move || {
+        resized.track();
         let (Some(Ok(data)), Some(el)) = (graph.get(), canvas.get()) else {
             return;
         };
