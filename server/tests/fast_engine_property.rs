@@ -80,3 +80,37 @@ fn fast_engine_equals_reference_on_random_models() {
         "the cases should exercise many edges, got {total_edges}"
     );
 }
+
+/// A prompt filling the whole context runs through both engines; one token more is refused.
+#[test]
+fn full_context_prompt_runs_and_longer_is_refused() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_mlp");
+    let model = server::model::SpdModel::load(&dir, &candle_core::Device::Cpu).unwrap();
+    let sources = SourceMap::probe(&model).unwrap();
+    let tokens: Vec<u32> = (0..model.block_size() as u32)
+        .map(|i| (i * 7) % 96)
+        .collect();
+    let ci = PromptCi::compute(&model, &tokens).unwrap();
+    let th = Thresholds {
+        ci: 0.5,
+        output_prob: 0.2,
+    };
+    let fast = FastEngine::new(&model, &sources)
+        .unwrap()
+        .graph(&model, &ci, th)
+        .unwrap();
+    let reference = reference_graph(&model, &sources, &ci, th).unwrap();
+    assert_eq!(fast.edges.len(), reference.edges.len());
+    assert!(
+        fast.edges
+            .iter()
+            .any(|e| e.s_out == 63 && e.s_in < 63 && e.is_cross_seq)
+    );
+    let mut longer = tokens.clone();
+    longer.push(1);
+    let err = PromptCi::compute(&model, &longer).unwrap_err().to_string();
+    assert!(
+        err.contains("longer than the model's context of 64"),
+        "{err}"
+    );
+}

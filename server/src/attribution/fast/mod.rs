@@ -10,6 +10,8 @@
 mod host;
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 
@@ -195,15 +197,53 @@ impl FastEngine {
             coef: &coef,
             n,
         };
-        let mut edges = Vec::new();
-        for plan in &self.plans {
+        // Work units are (target, position) in the reference's order; threads take them in turn
+        // and the pieces are joined in that order, so the result does not depend on the threads.
+        let t = ci.tokens.len();
+        let units: Vec<(&TargetPlan, usize)> = self
+            .plans
+            .iter()
+            .flat_map(|p| (0..t).map(move |s| (p, s)))
+            .collect();
+        let run = |(plan, s): (&TargetPlan, usize)| {
+            let mut out = Vec::new();
             match &plan.step {
                 Step::Residual { site, ln_weight } => {
-                    ctx.residual(plan, *site, ln_weight, &mut edges)
+                    ctx.residual(plan, *site, ln_weight, s..s + 1, &mut out)
                 }
-                Step::Attention { block } => ctx.attention(plan, *block, &mut edges),
-                Step::Mlp { block } => ctx.mlp(plan, *block, &mut edges),
+                Step::Attention { block } => ctx.attention(plan, *block, s..s + 1, &mut out),
+                Step::Mlp { block } => ctx.mlp(plan, *block, s..s + 1, &mut out),
             }
+            out
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(units.len().max(1));
+        let next = AtomicUsize::new(0);
+        let mut pieces: Vec<Vec<Edge>> = vec![Vec::new(); units.len()];
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(unit) = units.get(i) else { break };
+                            done.push((i, run(*unit)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            for w in workers {
+                for (i, piece) in w.join().expect("a graph worker panicked") {
+                    pieces[i] = piece;
+                }
+            }
+        });
+        let mut edges = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
+        for piece in pieces {
+            edges.extend(piece);
         }
         Ok(Graph {
             edges,
@@ -387,11 +427,18 @@ impl Ctx<'_> {
     }
 
     /// Residual readers: `∂act/∂x` through the LayerNorm, then one dot product per source row.
-    fn residual(&self, plan: &TargetPlan, site: LnSite, ln_weight: &[f32], edges: &mut Vec<Edge>) {
+    fn residual(
+        &self,
+        plan: &TargetPlan,
+        site: LnSite,
+        ln_weight: &[f32],
+        positions: Range<usize>,
+        edges: &mut Vec<Edge>,
+    ) {
         let e = self.engine;
         let x = self.rec.residual_at(site);
         let mut g = vec![0f32; x.cols];
-        for s in 0..x.rows {
+        for s in positions {
             let outs = self.alive(plan.target, s);
             if outs.is_empty() {
                 continue;
@@ -430,7 +477,13 @@ impl Ctx<'_> {
     }
 
     /// `q/k/v → o_proj` of one block, from the softmax attention's derivatives.
-    fn attention(&self, plan: &TargetPlan, block: usize, edges: &mut Vec<Edge>) {
+    fn attention(
+        &self,
+        plan: &TargetPlan,
+        block: usize,
+        positions: Range<usize>,
+        edges: &mut Vec<Edge>,
+    ) {
         let e = self.engine;
         let (nh, hd) = (e.n_head, e.head_dim);
         let inv_sqrt = 1.0 / (hd as f32).sqrt();
@@ -454,7 +507,7 @@ impl Ctx<'_> {
         let mut w = vec![0f32; nh * t];
         let mut wbar = vec![0f32; nh];
         let mut rho = vec![0f32; nh * hd];
-        for s_out in 0..t {
+        for s_out in positions {
             let outs = self.alive(plan.target, s_out);
             if outs.is_empty() {
                 continue;
@@ -566,7 +619,7 @@ impl Ctx<'_> {
     }
 
     /// `c_fc → down_proj`: `Σ_j U_cfc[c_in, j] · gelu'(h_j) · V_down[j, c_out]`.
-    fn mlp(&self, plan: &TargetPlan, block: usize, edges: &mut Vec<Edge>) {
+    fn mlp(&self, plan: &TargetPlan, block: usize, positions: Range<usize>, edges: &mut Vec<Edge>) {
         let e = self.engine;
         let h = &self.rec.outputs[&ModuleId {
             block,
@@ -580,7 +633,7 @@ impl Ctx<'_> {
             unreachable!("planned as down_proj")
         };
         let mut tmp = vec![0f32; h.cols];
-        for s in 0..h.rows {
+        for s in positions {
             let outs = self.alive(plan.target, s);
             if outs.is_empty() {
                 continue;
