@@ -1,6 +1,8 @@
 //! The engine (model, CI, attribution), storage and serving for the SPD explorer.
 pub mod attribution;
 pub mod device;
+pub mod generate;
 pub mod model;
+pub mod store;
 pub mod tokenizer;
 pub mod web;

@@ -1,0 +1,293 @@
+//! Activation-context accumulators, filled in the same pass as the index: per component the sum of CI
+//! over every token, the count of tokens where it fires (CI above the context threshold), and its
+//! top-k examples. One example per prompt: the position where the component's CI is highest, with
+//! `radius` tokens either side, so the k examples come from k different prompts.
+//!
+//! The accumulators merge exactly (sums add, top-k lists combine under a total order), which is what
+//! makes resuming and merging shards give the result of one uninterrupted run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rusqlite::Connection;
+use serde_json::{Value, json};
+
+use crate::store::contexts::{self as table, ContextExample, ModuleSums, example_order};
+use crate::store::{Result, StoreError};
+
+/// What the activation contexts keep.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ContextParams {
+    /// Examples kept per component.
+    pub top_k: usize,
+    /// Tokens kept either side of the firing token.
+    pub radius: usize,
+    /// A component fires on a token where its CI is above this (the original's
+    /// `act_ctx_importance_threshold`).
+    pub threshold: f32,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        Self {
+            top_k: 10,
+            radius: 5,
+            threshold: 0.1,
+        }
+    }
+}
+
+/// Accumulators for every component of every decomposed module (columns in model order: module `i`,
+/// component `c` is column `i * C + c`).
+#[derive(Debug)]
+pub struct Contexts {
+    pub modules: Vec<String>,
+    pub c: usize,
+    pub params: ContextParams,
+    pub sum_ci: Vec<f64>,
+    pub n_firing: Vec<u64>,
+    /// Per column, best first, at most `top_k`.
+    pub top: Vec<Vec<ContextExample>>,
+    dirty: Vec<bool>,
+    /// Per column, the CI an example needs to enter a full top-k (f32 bits; 0 while not full). Shared
+    /// with the workers so they send only candidates that can still make it.
+    floors: Arc<Vec<AtomicU32>>,
+}
+
+impl Contexts {
+    pub fn new(modules: Vec<String>, c: usize, params: ContextParams) -> Self {
+        let n = modules.len() * c;
+        Self {
+            modules,
+            c,
+            params,
+            sum_ci: vec![0.0; n],
+            n_firing: vec![0; n],
+            top: vec![vec![]; n],
+            dirty: vec![false; n],
+            floors: Arc::new((0..n).map(|_| AtomicU32::new(0)).collect()),
+        }
+    }
+
+    /// The accumulators stored in a database (empty ones where it has none).
+    pub fn load(
+        conn: &Connection,
+        modules: Vec<String>,
+        c: usize,
+        params: ContextParams,
+    ) -> Result<Self> {
+        let mut ctx = Self::new(modules, c, params);
+        for m in table::read_module_sums(conn)? {
+            let Some(i) = ctx.modules.iter().position(|x| *x == m.module) else {
+                return Err(StoreError::Invalid(format!(
+                    "context_modules has module `{}`, which the model does not decompose",
+                    m.module
+                )));
+            };
+            if m.sum_ci.len() != c {
+                return Err(StoreError::Invalid(format!(
+                    "context_modules `{}` has {} components, the model {c}",
+                    m.module,
+                    m.sum_ci.len()
+                )));
+            }
+            ctx.sum_ci[i * c..(i + 1) * c].copy_from_slice(&m.sum_ci);
+            ctx.n_firing[i * c..(i + 1) * c].copy_from_slice(&m.n_firing);
+        }
+        for (key, examples) in table::read_all_examples(conn)? {
+            let col = ctx.column(&key).ok_or_else(|| {
+                StoreError::Invalid(format!("context_examples has unknown component `{key}`"))
+            })?;
+            ctx.top[col] = examples;
+            ctx.update_floor(col);
+        }
+        Ok(ctx)
+    }
+
+    /// The column of `"module:c"`.
+    pub fn column(&self, key: &str) -> Option<usize> {
+        let (module, c) = key.rsplit_once(':')?;
+        let c: usize = c.parse().ok()?;
+        let i = self.modules.iter().position(|m| m == module)?;
+        (c < self.c).then_some(i * self.c + c)
+    }
+
+    pub fn key(&self, col: usize) -> String {
+        format!("{}:{}", self.modules[col / self.c], col % self.c)
+    }
+
+    pub fn floors(&self) -> Arc<Vec<AtomicU32>> {
+        self.floors.clone()
+    }
+
+    /// Adds one batch: per-column CI sums and firing counts, and candidate examples.
+    pub fn add(&mut self, sum_ci: &[f32], n_firing: &[u32], examples: Vec<(u32, ContextExample)>) {
+        for (acc, x) in self.sum_ci.iter_mut().zip(sum_ci) {
+            *acc += *x as f64;
+        }
+        for (acc, x) in self.n_firing.iter_mut().zip(n_firing) {
+            *acc += *x as u64;
+        }
+        for (col, ex) in examples {
+            self.offer(col as usize, ex);
+        }
+    }
+
+    /// Offers an example to a column's top-k.
+    fn offer(&mut self, col: usize, ex: ContextExample) {
+        let top = &mut self.top[col];
+        let at = top.partition_point(|e| example_order(e, &ex).is_lt());
+        if at >= self.params.top_k || top.get(at) == Some(&ex) {
+            return;
+        }
+        top.insert(at, ex);
+        top.truncate(self.params.top_k);
+        self.dirty[col] = true;
+        self.update_floor(col);
+    }
+
+    fn update_floor(&self, col: usize) {
+        if let Some(last) = self.top[col].get(self.params.top_k.saturating_sub(1)) {
+            // CI is never negative, so the bits of the f32 order like the values.
+            self.floors[col].store(last.active_ci().max(0.0).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Adds another run's accumulators (a shard of the same corpus).
+    pub fn merge(&mut self, other: &Contexts) {
+        for (a, b) in self.sum_ci.iter_mut().zip(&other.sum_ci) {
+            *a += b;
+        }
+        for (a, b) in self.n_firing.iter_mut().zip(&other.n_firing) {
+            *a += b;
+        }
+        for (col, top) in other.top.iter().enumerate() {
+            for ex in top {
+                self.offer(col, ex.clone());
+            }
+        }
+    }
+
+    /// Writes the module sums and every top-k list that changed since the last save.
+    pub fn save(&mut self, conn: &Connection) -> Result<()> {
+        for (i, module) in self.modules.iter().enumerate() {
+            let cols = i * self.c..(i + 1) * self.c;
+            table::write_module_sums(
+                conn,
+                &ModuleSums {
+                    module: module.clone(),
+                    sum_ci: self.sum_ci[cols.clone()].to_vec(),
+                    n_firing: self.n_firing[cols].to_vec(),
+                },
+            )?;
+        }
+        for col in 0..self.top.len() {
+            if std::mem::take(&mut self.dirty[col]) {
+                table::write_examples(conn, &self.key(col), &self.top[col])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `meta.activation_contexts` in the original tool's layout: `{module: [component, …]}` with
+    /// components that fired, by mean CI descending, each `{subcomponent_idx, mean_ci, example_tokens,
+    /// example_ci, example_active_pos, example_active_ci, pr_tokens, pr_recalls, pr_precisions}`
+    /// (values rounded to 3 decimals as the original did), plus `density` and `example_token_ids`. The
+    /// precision/recall lists, which the explorer does not use, are left empty.
+    pub fn to_meta(&self, n_tokens: u64, token_str: &dyn Fn(u32) -> String) -> Value {
+        let round = |x: f64| (x * 1000.0).round() / 1000.0;
+        let per_token = |x: f64| {
+            if n_tokens == 0 {
+                0.0
+            } else {
+                x / n_tokens as f64
+            }
+        };
+        let mut layers = serde_json::Map::new();
+        for (i, module) in self.modules.iter().enumerate() {
+            let mut comps: Vec<(f64, Value)> = (0..self.c)
+                .map(|c| i * self.c + c)
+                .filter(|&col| self.n_firing[col] > 0 || !self.top[col].is_empty())
+                .map(|col| {
+                    let mean = per_token(self.sum_ci[col]);
+                    let top = &self.top[col];
+                    let v = json!({
+                        "subcomponent_idx": col % self.c,
+                        "mean_ci": round(mean),
+                        "density": per_token(self.n_firing[col] as f64),
+                        "example_tokens": top.iter()
+                            .map(|e| e.tokens.iter().map(|&t| token_str(t)).collect::<Vec<_>>())
+                            .collect::<Vec<_>>(),
+                        "example_token_ids": top.iter().map(|e| e.tokens.clone()).collect::<Vec<_>>(),
+                        "example_ci": top.iter()
+                            .map(|e| e.ci.iter().map(|&x| round(x as f64)).collect::<Vec<_>>())
+                            .collect::<Vec<_>>(),
+                        "example_active_pos": top.iter().map(|e| e.active).collect::<Vec<_>>(),
+                        "example_active_ci": top.iter()
+                            .map(|e| round(e.active_ci() as f64))
+                            .collect::<Vec<_>>(),
+                        "pr_tokens": [],
+                        "pr_recalls": [],
+                        "pr_precisions": [],
+                    });
+                    (mean, v)
+                })
+                .collect();
+            comps.sort_by(|a, b| b.0.total_cmp(&a.0));
+            layers.insert(
+                module.clone(),
+                Value::Array(comps.into_iter().map(|(_, v)| v).collect()),
+            );
+        }
+        Value::Object(layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(window: u64, ci: f32) -> ContextExample {
+        ContextExample {
+            window,
+            position: 0,
+            active: 0,
+            tokens: vec![1],
+            ci: vec![ci],
+        }
+    }
+
+    #[test]
+    fn top_k_is_independent_of_arrival_and_merge_order() {
+        let params = ContextParams {
+            top_k: 3,
+            ..Default::default()
+        };
+        let offers = [(0, 0.5), (1, 0.9), (2, 0.5), (3, 0.7), (4, 0.9), (5, 0.2)];
+        let mut one = Contexts::new(vec!["m".into()], 1, params);
+        one.add(
+            &[1.0],
+            &[2],
+            offers.iter().map(|&(w, c)| (0, ex(w, c))).collect(),
+        );
+        let mut a = Contexts::new(vec!["m".into()], 1, params);
+        let mut b = Contexts::new(vec!["m".into()], 1, params);
+        a.add(
+            &[0.25],
+            &[1],
+            offers[3..].iter().map(|&(w, c)| (0, ex(w, c))).collect(),
+        );
+        b.add(
+            &[0.75],
+            &[1],
+            offers[..3].iter().map(|&(w, c)| (0, ex(w, c))).collect(),
+        );
+        a.merge(&b);
+        assert_eq!(a.top, one.top);
+        assert_eq!(a.sum_ci, one.sum_ci);
+        assert_eq!(a.n_firing, one.n_firing);
+        let order: Vec<_> = one.top[0].iter().map(|e| e.window).collect();
+        assert_eq!(order, vec![1, 4, 3]);
+        assert_eq!(f32::from_bits(one.floors()[0].load(Ordering::Relaxed)), 0.7);
+    }
+}
