@@ -1,5 +1,6 @@
 //! Serving: the axum router around the Leptos app, and the graph sources behind its server functions.
 
+pub mod engine;
 pub mod placeholder;
 pub mod routes;
 pub mod state;
