@@ -85,6 +85,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
     }
     // The shards must hold exactly the first `total` windows of the run.
     let total: u64 = parts.iter().map(|p| p.record.prompts_done).sum();
+    let mut problems = vec![];
     for (index, part) in by_index.iter().enumerate() {
         let want = shard_len(
             total,
@@ -93,22 +94,22 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
                 count: n,
             },
         );
-        let have = part.map_or(0, |i| parts[i].record.prompts_done);
-        if have != want {
-            let which = part.map_or_else(
-                || format!("shard {index}/{n} is missing"),
-                |i| {
-                    format!(
-                        "{} (shard {index}/{n}) has {have} prompts",
-                        parts[i].path.display()
-                    )
-                },
-            );
-            return Err(usage(format!(
-                "the shards do not add up to one run's first {total} prompts: {which}, {want} \
-                 expected; rerun unfinished shards to completion first"
-            )));
+        match part {
+            None if want > 0 => problems.push(format!("shard {index}/{n} is missing")),
+            Some(i) if parts[*i].record.prompts_done != want => problems.push(format!(
+                "{} (shard {index}/{n}) has {} prompts, {want} expected",
+                parts[*i].path.display(),
+                parts[*i].record.prompts_done
+            )),
+            _ => {}
         }
+    }
+    if !problems.is_empty() {
+        return Err(usage(format!(
+            "the shards do not add up to one run's first {total} prompts: {}; rerun unfinished \
+             shards to completion first",
+            problems.join("; ")
+        )));
     }
 
     if out.exists() {

@@ -194,7 +194,8 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
     }
     let mut conn = schema::open_for_writing(&cfg.output)?;
     let mut record = match writer::generation(&conn)? {
-        Some(g) => {
+        // A run that wrote nothing (it failed on its input, say) holds nothing to keep.
+        Some(g) if g.prompts_done > 0 => {
             let diffs = identity_diff(&g.config, &identity, "", &MAY_DIFFER);
             if !diffs.is_empty() {
                 return Err(GenerateError::Usage(format!(
@@ -205,7 +206,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
             }
             g
         }
-        None => {
+        _ => {
             let n: i64 = conn.query_row("SELECT COUNT(*) FROM prompts", [], |r| r.get(0))?;
             if n > 0 {
                 return Err(GenerateError::Usage(format!(
