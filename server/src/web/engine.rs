@@ -14,25 +14,44 @@ use crate::model::SpdModel;
 /// At most this many edges go to the browser, the strongest by |value| (as the original server).
 pub const MAX_EDGES: usize = 30_000;
 
+/// Where prompt ids come from.
+pub enum Prompts {
+    /// A list (e.g. a run's `prompts.json`); ids are indexes from 0.
+    List(Vec<Vec<u32>>),
+    /// A database written by `generate` or the original tool, opened read-only; ids are `prompts.id`.
+    Db(std::sync::Mutex<rusqlite::Connection>),
+}
+
+impl Prompts {
+    fn get(&self, id: u32) -> Result<Option<Vec<u32>>, String> {
+        match self {
+            Prompts::List(list) => Ok(list.get(id as usize).cloned()),
+            Prompts::Db(conn) => {
+                let conn = conn
+                    .lock()
+                    .map_err(|_| "the database lock is poisoned".to_owned())?;
+                crate::store::queries::prompt(&conn, i64::from(id))
+                    .map(|p| p.map(|p| p.token_ids))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 /// A loaded run: the model, its source map, the fast engine when the model allows it, and prompts.
 pub struct EngineGraphs {
     model: SpdModel,
     sources: SourceMap,
     fast: Option<FastEngine>,
-    prompts: Vec<Vec<u32>>,
+    prompts: Prompts,
     tokenizer: Option<tokenizers::Tokenizer>,
     thresholds: Thresholds,
 }
 
 impl EngineGraphs {
-    /// Loads the run at `model_path` with `prompts` (token ids); a `tokenizer.json` in the run
-    /// directory, if any, decodes token strings for display.
-    pub fn new(model: SpdModel, prompts: Vec<Vec<u32>>, run_dir: &Path) -> Result<Self, String> {
-        for (i, p) in prompts.iter().enumerate() {
-            model
-                .check_tokens(p)
-                .map_err(|e| format!("prompt {i}: {e}"))?;
-        }
+    /// Serves `model` with `prompts`; a `tokenizer.json` in the run directory, if any, decodes token
+    /// strings for display. Prompts are checked when asked for, so a bad one is an error for that id.
+    pub fn new(model: SpdModel, prompts: Prompts, run_dir: &Path) -> Result<Self, String> {
         let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
         let fast = match FastEngine::new(&model, &sources) {
             Ok(f) => Some(f),
@@ -135,13 +154,13 @@ pub fn to_wire(
 
 impl app::api::GraphSource for EngineGraphs {
     fn graph(&self, prompt_id: u32) -> Result<GraphData, GraphSourceError> {
+        let engine_error = |message| GraphSourceError::Engine { prompt_id, message };
         let tokens = self
             .prompts
-            .get(prompt_id as usize)
+            .get(prompt_id)
+            .map_err(engine_error)?
             .ok_or(GraphSourceError::UnknownPrompt(prompt_id))?;
-        let (ci, graph) = self
-            .compute(tokens)
-            .map_err(|message| GraphSourceError::Engine { prompt_id, message })?;
+        let (ci, graph) = self.compute(&tokens).map_err(engine_error)?;
         let strings = tokens.iter().map(|t| self.token_string(*t)).collect();
         Ok(to_wire(&self.model, prompt_id, strings, &ci, &graph))
     }
@@ -161,7 +180,7 @@ mod tests {
     fn serves_real_graphs_of_the_run_prompts() {
         let model = SpdModel::load(&fixture(), &Device::Cpu).unwrap();
         let prompts = EngineGraphs::read_prompts(&fixture().join("prompts.json")).unwrap();
-        let graphs = EngineGraphs::new(model, prompts, &fixture()).unwrap();
+        let graphs = EngineGraphs::new(model, Prompts::List(prompts), &fixture()).unwrap();
         let g = graphs.graph(0).unwrap();
         assert_eq!(
             g.tokens,

@@ -10,12 +10,15 @@ use std::sync::Arc;
 pub enum GraphBackend {
     /// A small deterministic made-up graph, for working on the front end without a model.
     Placeholder,
+    /// The attribution engine on a loaded SPD run.
+    Engine(Box<super::engine::EngineGraphs>),
 }
 
 impl GraphSource for GraphBackend {
     fn graph(&self, prompt_id: u32) -> Result<app::types::GraphData, GraphSourceError> {
         match self {
             GraphBackend::Placeholder => placeholder::graph(prompt_id),
+            GraphBackend::Engine(engine) => engine.graph(prompt_id),
         }
     }
 }
