@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version 
 TEST_RUSTFLAGS := --cfg erase_components
 URL := http://127.0.0.1:3000
 
-.PHONY: setup setup-test serve test release
+.PHONY: setup setup-test serve test release bench
 
 setup: end2end/node_modules/.installed
 	rustup target add wasm32-unknown-unknown
@@ -35,9 +35,19 @@ setup-test: setup
 		apt-get update && apt-get install -y chromium; \
 	fi
 
+# The run that `make serve` and the end-to-end tests show. Until the trained demo model ships, the small
+# fixture run (random weights, real SPD format) goes through the real engine; `SPD_MODEL=` shows a
+# placeholder graph.
+SPD_MODEL ?= server/tests/fixtures/tiny_shared
+export SPD_MODEL
+
 serve: setup
-	@echo "Serving on $(URL) once built"
+	@echo "Serving $(if $(SPD_MODEL),$(SPD_MODEL),a placeholder graph) on $(URL) once built"
 	cargo leptos serve
+
+# Timings of the attribution engines and the CI pass (run on an idle machine).
+bench:
+	cargo run --release --bin bench
 
 release: setup
 	cargo leptos build --release

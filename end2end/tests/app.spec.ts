@@ -37,7 +37,7 @@ test('the page hydrates and draws the graph', async ({ page }, testInfo) => {
     return { differing, blue, red, width: el.width, cssWidth, dpr: window.devicePixelRatio };
   });
   expect(pixels.differing).toBeGreaterThan(1000);
-  // Edges are coloured by sign: the placeholder graph has both.
+  // Edges are coloured by sign: the graph of the served run has both.
   expect(pixels.blue).toBeGreaterThan(50);
   expect(pixels.red).toBeGreaterThan(50);
   // HiDPI: the backing store is devicePixelRatio times the CSS size.
