@@ -260,9 +260,17 @@ fn a_generated_database_reads_as_the_original_tool_expects() {
         columns("component_activations"),
         vec!["prompt_id", "component_key", "max_ci", "positions"]
     );
-    for index in ["idx_component_key", "idx_prompt_id"] {
-        assert!(schema::has_table(&conn, index).unwrap(), "{index}");
-    }
+    let index_columns = |index: &str| -> Vec<String> {
+        let mut stmt = conn
+            .prepare(&format!("PRAGMA index_info({index})"))
+            .unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(2))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(index_columns("idx_component_key")[0], "component_key");
+    assert_eq!(index_columns("idx_prompt_id"), vec!["prompt_id"]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();

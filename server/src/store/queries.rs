@@ -257,8 +257,8 @@ pub fn search_prompts(conn: &Connection, search: &Search) -> Result<SearchResult
     Ok(SearchResult { total, hits })
 }
 
-/// `(prompt id, max CI)` of every prompt where `key` is alive, by prompt id. Reads only the
-/// `(component_key, prompt_id, max_ci)` index where it exists.
+/// `(prompt id, max CI)` of every prompt where `key` is alive, by prompt id. Reads only the index in
+/// databases written by `generate` (see [`super::schema`]).
 fn postings(conn: &Connection, key: &str) -> Result<Vec<(i64, f32)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT prompt_id, max_ci FROM component_activations WHERE component_key = ?1 \

@@ -6,13 +6,16 @@
 //! - `component_activations(prompt_id, component_key, max_ci, positions)`: one row per component
 //!   (`"layer:c"`, `"wte:0"`, `"output:v"`) alive somewhere in the prompt; `positions` a JSON array.
 //!
+//! One difference in what this tool creates: its `idx_component_key` indexes
+//! `(component_key, prompt_id, max_ci)`, not `component_key` alone. It serves every query the
+//! original's index serves (same name, same leading column, so the original's `CREATE INDEX IF NOT
+//! EXISTS` leaves it be), and searches read it alone, in prompt order, without touching the table.
+//!
 //! Tables this tool adds (a database without them still opens and answers queries):
 //! - `generation`: one row, what the index was made from (model hash, thresholds, corpus, shard) and how
 //!   far it got; `generate` resumes from it and refuses to mix runs.
 //! - `context_modules`, `context_examples`: the activation-context accumulators (see
 //!   [`super::contexts`]).
-//! - index `idx_component_key_prompt` on `(component_key, prompt_id, max_ci)`: searches read it alone,
-//!   in prompt order, without touching the table.
 
 use std::path::Path;
 
@@ -46,11 +49,22 @@ CREATE INDEX IF NOT EXISTS idx_prompt_id
     ON component_activations(prompt_id);
 ";
 
-/// The tables and index this tool adds.
-pub const EXTRA_SCHEMA: &str = "
-CREATE INDEX IF NOT EXISTS idx_component_key_prompt
+/// This tool's `idx_component_key`: covering searches. Created before [`ORIGINAL_SCHEMA`], whose
+/// `IF NOT EXISTS` then keeps it.
+pub const KEY_INDEX: &str = "
+CREATE TABLE IF NOT EXISTS component_activations (
+    prompt_id INTEGER NOT NULL,
+    component_key TEXT NOT NULL,
+    max_ci REAL NOT NULL,
+    positions TEXT NOT NULL,
+    FOREIGN KEY (prompt_id) REFERENCES prompts(id)
+);
+CREATE INDEX IF NOT EXISTS idx_component_key
     ON component_activations(component_key, prompt_id, max_ci);
+";
 
+/// The tables this tool adds.
+pub const EXTRA_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS generation (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     config TEXT NOT NULL,
@@ -71,7 +85,8 @@ CREATE TABLE IF NOT EXISTS context_examples (
 );
 ";
 
-/// Opens (creating if needed) a database for writing: WAL journal, both schemas.
+/// Opens (creating if needed) a database for writing: WAL journal, the original schema with this
+/// tool's `idx_component_key`, and this tool's tables.
 pub fn open_for_writing(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.to_owned(),
@@ -88,6 +103,7 @@ pub fn open_for_writing(path: &Path) -> Result<Connection> {
     conn.execute_batch(
         "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-262144; PRAGMA temp_store=MEMORY;",
     )?;
+    conn.execute_batch(KEY_INDEX)?;
     conn.execute_batch(ORIGINAL_SCHEMA)?;
     conn.execute_batch(EXTRA_SCHEMA)?;
     Ok(conn)
