@@ -219,32 +219,36 @@ impl FastEngine {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(units.len().max(1));
+        // Workers send finished units; this thread appends them in unit order as they arrive, so
+        // only the few units that finish early wait in memory, not a second copy of the graph.
         let next = AtomicUsize::new(0);
-        let mut pieces: Vec<Vec<Edge>> = vec![Vec::new(); units.len()];
+        let mut edges = Vec::new();
         std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(unit) = units.get(i) else { break };
-                            done.push((i, run(*unit)));
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Edge>)>();
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let (next, units, run) = (&next, &units, &run);
+                scope.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(unit) = units.get(i) else { break };
+                        if tx.send((i, run(*unit))).is_err() {
+                            break;
                         }
-                        done
-                    })
-                })
-                .collect();
-            for w in workers {
-                for (i, piece) in w.join().expect("a graph worker panicked") {
-                    pieces[i] = piece;
+                    }
+                });
+            }
+            drop(tx);
+            let mut waiting = std::collections::BTreeMap::new();
+            let mut expected = 0;
+            for (i, piece) in rx {
+                waiting.insert(i, piece);
+                while let Some(piece) = waiting.remove(&expected) {
+                    edges.extend(piece);
+                    expected += 1;
                 }
             }
         });
-        let mut edges = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
-        for piece in pieces {
-            edges.extend(piece);
-        }
         Ok(Graph {
             edges,
             masked_probs,
