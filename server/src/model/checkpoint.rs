@@ -164,6 +164,23 @@ pub fn normalize_target_key(key: &str) -> Option<String> {
     (k != key).then(|| k.to_owned())
 }
 
+/// The file `<prefix><n><suffix>` in `dir` with the largest step number `n`, if any.
+fn newest_numbered(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<Option<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step: u64 = name
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p))
+}
+
 /// Where a run's files are: the run directory and the SPD checkpoint inside it.
 #[derive(Debug, Clone)]
 pub struct RunLocation {
@@ -175,24 +192,13 @@ pub struct RunLocation {
 /// run directory. In a directory the newest `model_<step>.pth` wins, else `model.safetensors`.
 pub fn locate_run(path: &Path) -> Result<RunLocation, LoadError> {
     if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|source| LoadError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let newest_pth = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let step: u64 = name
-                    .strip_prefix("model_")?
-                    .strip_suffix(".pth")?
-                    .parse()
-                    .ok()?;
-                Some((step, e.path()))
-            })
-            .max_by_key(|(step, _)| *step);
+        let newest_pth =
+            newest_numbered(path, "model_", ".pth").map_err(|source| LoadError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         let checkpoint = match newest_pth {
-            Some((_, p)) => p,
+            Some(p) => p,
             None => {
                 let st = path.join("model.safetensors");
                 if !st.is_file() {
@@ -247,22 +253,8 @@ pub fn locate_target(run_dir: &Path, location: &str) -> Result<(PathBuf, PathBuf
             st
         } else {
             let ckpt_dir = p.join("checkpoints");
-            let newest = std::fs::read_dir(&ckpt_dir)
-                .ok()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().into_string().ok()?;
-                    let step: u64 = name
-                        .strip_prefix("model_step_")?
-                        .strip_suffix(".pt")?
-                        .parse()
-                        .ok()?;
-                    Some((step, e.path()))
-                })
-                .max_by_key(|(s, _)| *s);
-            newest.map(|(_, p)| p).ok_or_else(|| LoadError::Layout {
+            let newest = newest_numbered(&ckpt_dir, "model_step_", ".pt").unwrap_or_default();
+            newest.ok_or_else(|| LoadError::Layout {
                 path: p.clone(),
                 msg: "no model.safetensors or checkpoints/model_step_<n>.pt in the target model directory"
                     .into(),
