@@ -350,6 +350,9 @@ fn build_search_db(
         tx.commit()?;
         written += batch;
     }
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); ANALYZE;")?;
+    let tx = conn.transaction()?;
+    crate::store::postings::extend(&tx)?;
+    tx.commit()?;
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
     Ok(())
 }

@@ -277,11 +277,14 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
     // The run reached its end: its target, or the end of the corpus.
     record.complete = true;
     summary.complete = true;
-    finish(&conn, &contexts, &record, tokenizer.as_ref())?;
+    let tx = conn.transaction()?;
+    finish(&tx, &contexts, &record, tokenizer.as_ref())?;
+    tx.commit()?;
     Ok(summary)
 }
 
-/// Writes `meta.activation_contexts` from the accumulators and the final `generation` row.
+/// Writes `meta.activation_contexts` from the accumulators, the final `generation` row, and the
+/// posting lists of the new prompts. Run it inside a transaction.
 pub(crate) fn finish(
     conn: &Connection,
     contexts: &Contexts,
@@ -298,6 +301,7 @@ pub(crate) fn finish(
         &contexts.to_meta(record.tokens_done, &token_str),
     )?;
     writer::set_generation(conn, record)?;
+    crate::store::postings::extend(conn)?;
     Ok(())
 }
 

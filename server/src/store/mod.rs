@@ -9,9 +9,11 @@
 //! - [`meta`]: the gzip-JSON `meta` table.
 //! - [`writer`]: appending prompts with their activations, one transaction per batch.
 //! - [`contexts`]: the activation-context tables (mean CI, firing density, top-k examples).
+//! - [`postings`]: packed posting lists that make searches for popular components fast.
 //! - [`queries`]: the read-only questions the web server asks.
 pub mod contexts;
 pub mod meta;
+pub mod postings;
 pub mod queries;
 pub mod schema;
 pub mod writer;

@@ -6,8 +6,6 @@
 //! Component keys are `"layer:c"` strings: `"h.0.attn.q_proj:12"`, `"wte:0"`, `"output:431"`.
 //! Prompt ids are the `prompts.id` values (from 1).
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Result, StoreError};
@@ -158,23 +156,15 @@ pub fn prompt_activations(conn: &Connection, prompt_id: i64) -> Result<Vec<Activ
 
 /// How often `key` is alive, over all prompts.
 pub fn component_stats(conn: &Connection, key: &str) -> Result<ComponentStats> {
-    let (n, mean, max) = conn
-        .prepare_cached(
-            "SELECT COUNT(*), AVG(max_ci), MAX(max_ci) FROM component_activations \
-             WHERE component_key = ?1",
-        )?
-        .query_row([key], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<f64>>(1)?,
-                r.get::<_, Option<f64>>(2)?,
-            ))
-        })?;
+    let list = super::postings::read(conn, key)?;
+    let n = list.len();
+    let sum: f64 = list.iter().map(|&(_, ci)| ci as f64).sum();
+    let max = list.iter().map(|&(_, ci)| ci as f64).fold(0.0, f64::max);
     Ok(ComponentStats {
         key: key.to_owned(),
         n_prompts: n as u64,
-        mean_max_ci: mean.unwrap_or(0.0),
-        max_max_ci: max.unwrap_or(0.0),
+        mean_max_ci: if n == 0 { 0.0 } else { sum / n as f64 },
+        max_max_ci: max,
     })
 }
 
@@ -210,36 +200,36 @@ pub fn search_prompts(conn: &Connection, search: &Search) -> Result<SearchResult
     }
     let mut lists = keys
         .iter()
-        .map(|k| postings(conn, k))
+        .map(|k| super::postings::read(conn, k))
         .collect::<Result<Vec<_>>>()?;
-    // (prompt id, score)
+    // (prompt id, score), by prompt id.
     let mut found: Vec<(i64, f32)> = match search.mode {
         Match::All => {
             lists.sort_by_key(Vec::len);
             let mut acc = std::mem::take(&mut lists[0]);
             for other in &lists[1..] {
-                acc = intersect(&acc, other);
+                acc = merge(&acc, other, false);
             }
             acc
         }
-        Match::Any => {
-            let mut best: HashMap<i64, f32> = HashMap::new();
-            for list in &lists {
-                for &(id, ci) in list {
-                    let e = best.entry(id).or_insert(ci);
-                    *e = e.max(ci);
-                }
-            }
-            best.into_iter().collect()
-        }
+        Match::Any => lists
+            .into_iter()
+            .reduce(|a, b| merge(&a, &b, true))
+            .unwrap_or_default(),
     };
-    match search.order {
-        Order::ScoreDesc => found.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))),
-        Order::PromptId => found.sort_by_key(|&(id, _)| id),
-    }
     let total = found.len();
+    let end = search.offset.saturating_add(search.limit).min(total);
+    if search.order == Order::ScoreDesc && end > 0 {
+        let best_first = |a: &(i64, f32), b: &(i64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Only the results up to the page's end need sorting.
+        if end < total {
+            found.select_nth_unstable_by(end - 1, best_first);
+            found.truncate(end);
+        }
+        found.sort_by(best_first);
+    }
     let mut hits = vec![];
-    for &(prompt_id, score) in found.iter().skip(search.offset).take(search.limit) {
+    for &(prompt_id, score) in found.iter().take(end).skip(search.offset) {
         let token_ids = prompt(conn, prompt_id)?.map_or_else(Vec::new, |p| p.token_ids);
         let mut matches = vec![];
         for key in &keys {
@@ -257,41 +247,44 @@ pub fn search_prompts(conn: &Connection, search: &Search) -> Result<SearchResult
     Ok(SearchResult { total, hits })
 }
 
-/// `(prompt id, max CI)` of every prompt where `key` is alive, by prompt id. Reads only the index in
-/// databases written by `generate` (see [`super::schema`]).
-fn postings(conn: &Connection, key: &str) -> Result<Vec<(i64, f32)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT prompt_id, max_ci FROM component_activations WHERE component_key = ?1 \
-         ORDER BY prompt_id",
-    )?;
-    let rows = stmt.query_map([key], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)? as f32))
-    })?;
-    let mut out: Vec<(i64, f32)> = Vec::new();
-    for row in rows {
-        let (id, ci) = row?;
-        // A key appears once per prompt; keep the larger value should a foreign database repeat it.
-        match out.last_mut() {
-            Some(last) if last.0 == id => last.1 = last.1.max(ci),
-            _ => out.push((id, ci)),
-        }
-    }
-    Ok(out)
-}
-
-/// Prompts in both sorted lists, scored by the smaller value.
-fn intersect(a: &[(i64, f32)], b: &[(i64, f32)]) -> Vec<(i64, f32)> {
-    let (mut i, mut j, mut out) = (0, 0, vec![]);
+/// Two lists sorted by prompt id merged: the union scored by the larger value, or the intersection
+/// scored by the smaller.
+fn merge(a: &[(i64, f32)], b: &[(i64, f32)], union: bool) -> Vec<(i64, f32)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::with_capacity(if union {
+        a.len() + b.len()
+    } else {
+        a.len().min(b.len())
+    });
     while i < a.len() && j < b.len() {
         match a[i].0.cmp(&b[j].0) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Less => {
+                if union {
+                    out.push(a[i]);
+                }
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                if union {
+                    out.push(b[j]);
+                }
+                j += 1;
+            }
             std::cmp::Ordering::Equal => {
-                out.push((a[i].0, a[i].1.min(b[j].1)));
+                let ci = if union {
+                    a[i].1.max(b[j].1)
+                } else {
+                    a[i].1.min(b[j].1)
+                };
+                out.push((a[i].0, ci));
                 i += 1;
                 j += 1;
             }
         }
+    }
+    if union {
+        out.extend_from_slice(&a[i..]);
+        out.extend_from_slice(&b[j..]);
     }
     out
 }

@@ -16,6 +16,7 @@
 //!   far it got; `generate` resumes from it and refuses to mix runs.
 //! - `context_modules`, `context_examples`: the activation-context accumulators (see
 //!   [`super::contexts`]).
+//! - `postings`, `postings_state`: packed posting lists for fast searches (see [`super::postings`]).
 
 use std::path::Path;
 
@@ -82,6 +83,19 @@ CREATE TABLE IF NOT EXISTS context_modules (
 CREATE TABLE IF NOT EXISTS context_examples (
     component_key TEXT PRIMARY KEY,
     examples BLOB NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS postings (
+    component_key TEXT NOT NULL,
+    first_prompt INTEGER NOT NULL,
+    prompt_ids BLOB NOT NULL,
+    max_ci BLOB NOT NULL,
+    PRIMARY KEY (component_key, first_prompt)
+);
+
+CREATE TABLE IF NOT EXISTS postings_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    through INTEGER NOT NULL
 );
 ";
 
