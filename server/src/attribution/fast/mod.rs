@@ -206,7 +206,8 @@ impl FastEngine {
             .flat_map(|p| (0..t).map(move |s| (p, s)))
             .collect();
         let run = |(plan, s): (&TargetPlan, usize)| {
-            let mut out = Vec::new();
+            let expected = ctx.unit_len(plan, s);
+            let mut out = Vec::with_capacity(expected);
             match &plan.step {
                 Step::Residual { site, ln_weight } => {
                     ctx.residual(plan, *site, ln_weight, s..s + 1, &mut out)
@@ -214,6 +215,7 @@ impl FastEngine {
                 Step::Attention { block } => ctx.attention(plan, *block, s..s + 1, &mut out),
                 Step::Mlp { block } => ctx.mlp(plan, *block, s..s + 1, &mut out),
             }
+            debug_assert_eq!(out.len(), expected, "edge count of a unit");
             out
         };
         let threads = std::thread::available_parallelism()
@@ -222,7 +224,7 @@ impl FastEngine {
         // Workers send finished units; this thread appends them in unit order as they arrive, so
         // only the few units that finish early wait in memory, not a second copy of the graph.
         let next = AtomicUsize::new(0);
-        let mut edges = Vec::new();
+        let mut edges = Vec::with_capacity(units.iter().map(|(p, s)| ctx.unit_len(p, *s)).sum());
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Edge>)>();
             for _ in 0..threads {
@@ -398,6 +400,21 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn alive(&self, layer: Layer, s: usize) -> &[u32] {
         &self.alive[layer.index(self.n)][s]
+    }
+
+    /// How many edges the unit (plan, position `s`) emits: alive targets × alive sources in range.
+    fn unit_len(&self, plan: &TargetPlan, s: usize) -> usize {
+        let per_target: usize = plan
+            .sources
+            .iter()
+            .map(|src| {
+                let first = if src.cross_seq { 0 } else { s };
+                (first..=s)
+                    .map(|s_in| self.alive(src.layer, s_in).len())
+                    .sum::<usize>()
+            })
+            .sum();
+        self.alive(plan.target, s).len() * per_target
     }
 
     fn module(&self, id: ModuleId) -> usize {
