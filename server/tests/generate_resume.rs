@@ -224,3 +224,24 @@ fn another_run_is_refused_unless_force_new() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_grown_run_killed_midway_is_not_complete() {
+    let s = setup(40);
+    let db = s.dir.join("db.db");
+    let out = command(&s, &db)
+        .args(["--n-prompts", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (_, done, _, complete) = dump(&db).generation.unwrap();
+    assert_eq!((done, complete), (8, true));
+    let out = command(&s, &db)
+        .args(["--n-prompts", "40"])
+        .env("SPD_GENERATE_ABORT_IN_BATCH", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let (_, done, _, complete) = dump(&db).generation.unwrap();
+    assert_eq!((done, complete), (12, false));
+}

@@ -225,7 +225,13 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
             g
         }
     };
-    // Keep the requested size current, for the record.
+    let target = cfg.n_prompts.map(|n| shard_len(n, cfg.shard));
+    let nothing_to_do = match target {
+        Some(t) => record.prompts_done >= t,
+        None => record.complete,
+    };
+    // A grown --n-prompts reopens a finished run; the requested size is kept for the record.
+    record.complete &= nothing_to_do;
     record.config["n_prompts"] = identity["n_prompts"].clone();
     writer::set_generation(&conn, &record)?;
     meta::set(
@@ -241,11 +247,6 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
 
     let modules: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
     let mut contexts = Contexts::load(&conn, modules, model.c(), cfg.contexts)?;
-    let target = cfg.n_prompts.map(|n| shard_len(n, cfg.shard));
-    let nothing_to_do = match target {
-        Some(t) => record.prompts_done >= t,
-        None => record.complete,
-    };
     let n_ctx = match &source {
         Source::Corpus { n_ctx, .. } => *n_ctx,
         Source::Prompts(p) => p.iter().map(|w| w.tokens.len()).max().unwrap_or(1),
