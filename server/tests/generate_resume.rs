@@ -81,6 +81,14 @@ fn check_interrupted(db: &Path) -> i64 {
                 .unwrap()
                 .is_empty()
         );
+        let every = queries::Search {
+            keys: vec!["wte:0".into()],
+            mode: queries::Match::Any,
+            order: queries::Order::ScoreDesc,
+            offset: 0,
+            limit: 3,
+        };
+        assert_eq!(queries::search_prompts(&conn, &every).unwrap().total, n);
     }
     n as i64
 }

@@ -6,6 +6,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -16,7 +17,7 @@ use crate::store::{queries, schema, writer};
 
 use super::GenerateError;
 use super::contexts::ContextParams;
-use super::corpus;
+use super::corpus::{self, Window};
 use super::extract;
 use super::pipeline::{self, GenerateConfig, Input, Progress, Shard};
 use super::synthetic;
@@ -108,11 +109,39 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         args.n_ctx,
         args.batch_size
     );
-    let ci_only = time_ci_pass(&model, &windows, args.batch_size, |tokens| {
+    let ci_only = time_ci_pass(&model, &windows, args.batch_size, |tokens, _| {
         extract::forward(&model, tokens).map(drop)
     })?;
-    let engine_ci = time_ci_pass(&model, &windows, args.batch_size, |tokens| {
+    let engine_ci = time_ci_pass(&model, &windows, args.batch_size, |tokens, _| {
         model.ci(tokens).map(drop)
+    })?;
+    let floors: Vec<AtomicU32> = (0..model.modules.len() * model.c())
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    let th = Thresholds {
+        ci: 1e-6,
+        output_prob: 0.01,
+    };
+    let ci_extract = time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
+        let (ci, probs) = extract::forward(&model, tokens)?;
+        let batch: Vec<Window> = batch
+            .iter()
+            .map(|t| Window {
+                index: 0,
+                tokens: t.clone(),
+            })
+            .collect();
+        let mode = extract::ScanMode::for_device(model.device());
+        extract::extract(
+            &ci,
+            &probs,
+            &batch,
+            th,
+            &ContextParams::default(),
+            &floors,
+            mode,
+        )
+        .map(drop)
     })?;
 
     let db_path = dir.join("pipeline.db");
@@ -129,10 +158,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         },
         n_prompts: Some(args.prompts),
         batch_size: Some(args.batch_size),
-        thresholds: Thresholds {
-            ci: 1e-6,
-            output_prob: 0.01,
-        },
+        thresholds: th,
         contexts: ContextParams::default(),
         devices: vec![args.device.clone()],
         workers: None,
@@ -161,13 +187,27 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         100.0 * ci_only / engine_ci
     );
     println!(
+        "| CI pass + extraction (no writing) | {:.0} | {:.0}% |",
+        n_tokens / ci_extract,
+        100.0 * ci_only / ci_extract
+    );
+    let write_s = time_writer(&db_path, &dir.join("rewrite.db"), &model, args.batch_size)?;
+    println!(
+        "| writing the same rows alone (one transaction per batch) | {:.0} | {:.0}% |",
+        n_tokens / write_s,
+        100.0 * ci_only / write_s
+    );
+    println!(
         "| pipeline: tokenize → CI → extract → write | {pipe:.0} | {:.0}% |",
         100.0 * pipe / (n_tokens / ci_only)
     );
     println!(
-        "index rows per prompt: {:.0}; database {:.1} MB",
+        "index rows per prompt: {:.0} ({:.0} rows/s written alone); database {:.1} MB; finishing \
+         (search index, posting lists, contexts) {:.2} s after the pipeline",
         rows as f64 / summary.prompts_written.max(1) as f64,
-        file_mb(&db_path)
+        rows as f64 / write_s,
+        file_mb(&db_path),
+        summary.finish_seconds
     );
 
     if args.db_prompts > 0 {
@@ -182,24 +222,63 @@ fn time_ci_pass(
     model: &SpdModel,
     windows: &[Vec<u32>],
     batch_size: usize,
-    pass: impl Fn(&Tensor) -> candle_core::Result<()>,
+    pass: impl Fn(&Tensor, &[Vec<u32>]) -> candle_core::Result<()>,
 ) -> Result<f64> {
-    let batches: Vec<Tensor> = windows
+    let batches: Vec<(Tensor, &[Vec<u32>])> = windows
         .chunks(batch_size)
         .map(|b| {
             let ids: Vec<u32> = b.concat();
-            Tensor::from_vec(ids, (b.len(), b[0].len()), model.device())
+            Ok((
+                Tensor::from_vec(ids, (b.len(), b[0].len()), model.device())?,
+                b,
+            ))
         })
         .collect::<candle_core::Result<_>>()?;
-    if let Some(first) = batches.first() {
-        pass(first)?;
+    if let Some((t, b)) = batches.first() {
+        pass(t, b)?;
     }
     model.device().synchronize()?;
     let start = Instant::now();
-    for b in &batches {
-        pass(b)?;
+    for (t, b) in &batches {
+        pass(t, b)?;
     }
     model.device().synchronize()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Seconds to write the prompts and rows of the database `src` again into a new `dst`, in
+/// transactions of `batch_size` prompts.
+fn time_writer(src: &Path, dst: &Path, model: &SpdModel, batch_size: usize) -> Result<f64> {
+    let keys = extract::key_table(model);
+    let id_of: std::collections::HashMap<&str, u32> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i as u32))
+        .collect();
+    let conn = schema::open_read_only(src)?;
+    let mut prompts = vec![];
+    for p in queries::list_prompts(&conn, 0, usize::MAX)? {
+        let rows = queries::prompt_activations(&conn, p.id)?
+            .into_iter()
+            .map(|a| writer::ActivationRow {
+                key: id_of[a.key.as_str()],
+                max_ci: a.max_ci,
+                positions: a.positions,
+            })
+            .collect();
+        prompts.push(writer::PromptRows {
+            token_ids: p.token_ids,
+            rows,
+        });
+    }
+    pipeline::remove_database(dst)?;
+    let mut out = schema::open_for_writing(dst)?;
+    let start = Instant::now();
+    for batch in prompts.chunks(batch_size) {
+        let tx = out.transaction()?;
+        writer::insert_prompts(&tx, &keys, batch)?;
+        tx.commit()?;
+    }
     Ok(start.elapsed().as_secs_f64())
 }
 
@@ -249,6 +328,7 @@ fn search_bench(db: &Path, n: u64, rows_per_prompt: usize, model: &SpdModel) -> 
         let mut conn = schema::open_for_writing(db)?;
         let start = Instant::now();
         let tx = conn.transaction()?;
+        schema::create_key_index(&tx)?;
         crate::store::postings::extend(&tx)?;
         tx.commit()?;
         println!(
@@ -358,6 +438,7 @@ fn build_search_db(
         written += batch;
     }
     let tx = conn.transaction()?;
+    schema::create_key_index(&tx)?;
     crate::store::postings::extend(&tx)?;
     tx.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;

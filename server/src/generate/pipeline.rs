@@ -131,6 +131,8 @@ pub struct Summary {
     pub prompts_done: u64,
     /// Seconds from the first batch handed out to the last commit.
     pub seconds: f64,
+    /// Seconds to finish: the search index, posting lists and `meta.activation_contexts`.
+    pub finish_seconds: f64,
     pub batch_size: usize,
     /// Whether the run reached its end (then rerunning has nothing to do).
     pub complete: bool,
@@ -260,6 +262,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         tokens_written: 0,
         prompts_done: record.prompts_done,
         seconds: 0.0,
+        finish_seconds: 0.0,
         batch_size,
         complete: record.complete,
     };
@@ -278,14 +281,16 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
     // The run reached its end: its target, or the end of the corpus.
     record.complete = true;
     summary.complete = true;
+    let start = Instant::now();
     let tx = conn.transaction()?;
     finish(&tx, &contexts, &record, tokenizer.as_ref())?;
     tx.commit()?;
+    summary.finish_seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-/// Writes `meta.activation_contexts` from the accumulators, the final `generation` row, and the
-/// posting lists of the new prompts. Run it inside a transaction.
+/// Writes `meta.activation_contexts` from the accumulators and the final `generation` row, builds the
+/// search index if missing and the posting lists of the new prompts. Run it inside a transaction.
 pub(crate) fn finish(
     conn: &Connection,
     contexts: &Contexts,
@@ -302,6 +307,7 @@ pub(crate) fn finish(
         &contexts.to_meta(record.tokens_done, &token_str),
     )?;
     writer::set_generation(conn, record)?;
+    schema::create_key_index(conn)?;
     crate::store::postings::extend(conn)?;
     Ok(())
 }

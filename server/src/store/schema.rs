@@ -10,6 +10,10 @@
 //! `(component_key, prompt_id, max_ci)`, not `component_key` alone. It serves every query the
 //! original's index serves (same name, same leading column, so the original's `CREATE INDEX IF NOT
 //! EXISTS` leaves it be), and searches read it alone, in prompt order, without touching the table.
+//! `generate` builds it when a run finishes ([`create_key_index`]): kept up to date row by row it
+//! would cost three times the rest of the writing, sorted once at the end far less. A database whose
+//! run was killed before finishing lacks it until the run is resumed; it still answers every query,
+//! more slowly.
 //!
 //! Tables this tool adds (a database without them still opens and answers queries):
 //! - `generation`: one row, what the index was made from (model hash, thresholds, corpus, shard) and how
@@ -24,8 +28,10 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::{Result, StoreError};
 
-/// The original tool's schema (`init_schema_simple`), verbatim.
-pub const ORIGINAL_SCHEMA: &str = "
+/// The original tool's tables and `idx_prompt_id`, as its `init_schema_simple` creates them.
+macro_rules! original_tables {
+    () => {
+        "
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -44,25 +50,17 @@ CREATE TABLE IF NOT EXISTS component_activations (
     FOREIGN KEY (prompt_id) REFERENCES prompts(id)
 );
 
-CREATE INDEX IF NOT EXISTS idx_component_key
-    ON component_activations(component_key);
 CREATE INDEX IF NOT EXISTS idx_prompt_id
     ON component_activations(prompt_id);
-";
+"
+    };
+}
 
-/// This tool's `idx_component_key`: covering searches. Created before [`ORIGINAL_SCHEMA`], whose
-/// `IF NOT EXISTS` then keeps it.
-pub const KEY_INDEX: &str = "
-CREATE TABLE IF NOT EXISTS component_activations (
-    prompt_id INTEGER NOT NULL,
-    component_key TEXT NOT NULL,
-    max_ci REAL NOT NULL,
-    positions TEXT NOT NULL,
-    FOREIGN KEY (prompt_id) REFERENCES prompts(id)
+/// The original tool's schema (`init_schema_simple`).
+pub const ORIGINAL_SCHEMA: &str = concat!(
+    original_tables!(),
+    "CREATE INDEX IF NOT EXISTS idx_component_key ON component_activations(component_key);"
 );
-CREATE INDEX IF NOT EXISTS idx_component_key
-    ON component_activations(component_key, prompt_id, max_ci);
-";
 
 /// The tables this tool adds.
 pub const EXTRA_SCHEMA: &str = "
@@ -99,8 +97,8 @@ CREATE TABLE IF NOT EXISTS postings_state (
 );
 ";
 
-/// Opens (creating if needed) a database for writing: WAL journal, the original schema with this
-/// tool's `idx_component_key`, and this tool's tables.
+/// Opens (creating if needed) a database for writing: WAL journal, the original schema but for
+/// `idx_component_key`, and this tool's tables.
 pub fn open_for_writing(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.to_owned(),
@@ -117,10 +115,20 @@ pub fn open_for_writing(path: &Path) -> Result<Connection> {
     conn.execute_batch(
         "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-262144; PRAGMA temp_store=MEMORY;",
     )?;
-    conn.execute_batch(KEY_INDEX)?;
-    conn.execute_batch(ORIGINAL_SCHEMA)?;
+    // idx_component_key comes at the end (`create_key_index`).
+    conn.execute_batch(original_tables!())?;
     conn.execute_batch(EXTRA_SCHEMA)?;
     Ok(conn)
+}
+
+/// Builds this tool's `idx_component_key` (see the module documentation) unless the database has an
+/// index of that name.
+pub fn create_key_index(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS idx_component_key
+             ON component_activations(component_key, prompt_id, max_ci);",
+    )?;
+    Ok(())
 }
 
 /// Opens an existing database read-only (as the web server does). Checks that it has the original
