@@ -297,9 +297,17 @@ pub(crate) fn finish(
     record: &writer::GenerationRecord,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
-    let token_str = |id: u32| match tokenizer {
-        Some(t) => t.decode(&[id], false).unwrap_or_else(|_| id.to_string()),
-        None => id.to_string(),
+    // Decoded once per vocabulary entry: the examples repeat tokens millions of times.
+    let vocab: Vec<String> = tokenizer.map_or_else(Vec::new, |t| {
+        (0..t.get_vocab_size(true) as u32)
+            .map(|id| t.decode(&[id], false).unwrap_or_else(|_| id.to_string()))
+            .collect()
+    });
+    let token_str = |id: u32| {
+        vocab
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
     };
     meta::set(
         conn,

@@ -22,7 +22,8 @@ pub fn set(conn: &Connection, key: &str, value: &Value) -> Result<()> {
         msg,
     };
     let json = serde_json::to_vec(value).map_err(|e| bad(e.to_string()))?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Fast compression: activation contexts run to tens of megabytes of JSON.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&json).map_err(|e| bad(e.to_string()))?;
     let blob = gz.finish().map_err(|e| bad(e.to_string()))?;
     conn.execute(
