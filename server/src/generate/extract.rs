@@ -176,8 +176,13 @@ pub fn extract(
     }
     cands.sort_by(|x, y| x.0.cmp(&y.0).then(y.1.total_cmp(&x.1)).then(x.2.cmp(&y.2)));
     let mut picked: Vec<(u32, usize, std::ops::Range<usize>)> = vec![];
+    let mut rank = 0;
     for (i, &(col, _, b)) in cands.iter().enumerate() {
-        let rank = cands[..i].iter().rev().take_while(|x| x.0 == col).count();
+        rank = if i > 0 && cands[i - 1].0 == col {
+            rank + 1
+        } else {
+            0
+        };
         if rank < ctx.top_k {
             let p = scan.argmax[b * scan.n_ci + col as usize] as usize;
             let range = p.saturating_sub(ctx.radius)..(p + ctx.radius + 1).min(lens[b]);

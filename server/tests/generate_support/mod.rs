@@ -14,11 +14,9 @@ use server::generate::{GenerateConfig, Input, Progress, Shard};
 use server::model::synthetic::Rng;
 use server::store::{meta, schema};
 
-pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::fixture_dir;
 
 /// Words `w2` … `w95`: ids 2 … 95 of the test tokenizer (0 is `[EOS]`, 1 `[UNK]`).
 pub fn words() -> Vec<String> {
