@@ -26,6 +26,9 @@ pub struct PromptRows {
     pub rows: Vec<ActivationRow>,
 }
 
+/// Rows per multi-row `INSERT`: one statement step per chunk instead of per row.
+const ROWS_PER_INSERT: usize = 64;
+
 /// Appends `prompts` (ids assigned by SQLite, in order) and their rows; returns the new ids. Call it
 /// inside a transaction: a batch is written whole or not at all.
 pub fn insert_prompts(
@@ -33,18 +36,39 @@ pub fn insert_prompts(
     keys: &[String],
     prompts: &[PromptRows],
 ) -> Result<Vec<i64>> {
+    let insert_rows = |n: usize| {
+        let values = vec!["(?, ?, ?, ?)"; n].join(", ");
+        format!(
+            "INSERT INTO component_activations (prompt_id, component_key, max_ci, positions) \
+             VALUES {values}"
+        )
+    };
     let mut prompt_stmt = conn.prepare_cached("INSERT INTO prompts (token_ids) VALUES (?1)")?;
-    let mut row_stmt = conn.prepare_cached(
-        "INSERT INTO component_activations (prompt_id, component_key, max_ci, positions) \
-         VALUES (?1, ?2, ?3, ?4)",
-    )?;
+    let mut chunk_stmt = conn.prepare_cached(&insert_rows(ROWS_PER_INSERT))?;
+    let mut row_stmt = conn.prepare_cached(&insert_rows(1))?;
     let mut ids = Vec::with_capacity(prompts.len());
     let mut buf = String::new();
+    let mut positions: Vec<String> = Vec::with_capacity(ROWS_PER_INSERT);
     for p in prompts {
         json_list(&mut buf, &p.token_ids);
         prompt_stmt.execute([&buf])?;
         let id = conn.last_insert_rowid();
-        for r in &p.rows {
+        let mut chunks = p.rows.chunks_exact(ROWS_PER_INSERT);
+        for chunk in chunks.by_ref() {
+            positions.clear();
+            positions.extend(chunk.iter().map(|r| {
+                json_list(&mut buf, &r.positions);
+                buf.clone()
+            }));
+            for (i, (r, pos)) in chunk.iter().zip(&positions).enumerate() {
+                chunk_stmt.raw_bind_parameter(4 * i + 1, id)?;
+                chunk_stmt.raw_bind_parameter(4 * i + 2, &keys[r.key as usize])?;
+                chunk_stmt.raw_bind_parameter(4 * i + 3, r.max_ci as f64)?;
+                chunk_stmt.raw_bind_parameter(4 * i + 4, pos)?;
+            }
+            chunk_stmt.raw_execute()?;
+        }
+        for r in chunks.remainder() {
             json_list(&mut buf, &r.positions);
             row_stmt.execute(params![id, keys[r.key as usize], r.max_ci as f64, buf])?;
         }
