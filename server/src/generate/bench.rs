@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The index's CI threshold (fewer rows per prompt when higher).
+    #[arg(long, default_value_t = 1e-6)]
+    pub ci_threshold: f32,
     /// Prompts in the synthetic search database (0 skips the search benchmark).
     #[arg(long, default_value_t = 1_000_000)]
     pub db_prompts: u64,
@@ -103,11 +106,12 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
     let n_tokens = (windows.len() * args.n_ctx) as f64;
 
     println!(
-        "model: {spec:?}\ndevice {}; {} prompts x {} tokens, batch {}",
+        "model: {spec:?}\ndevice {}; {} prompts x {} tokens, batch {}, ci threshold {}",
         args.device,
         windows.len(),
         args.n_ctx,
-        args.batch_size
+        args.batch_size,
+        args.ci_threshold
     );
     let ci_only = time_ci_pass(&model, &windows, args.batch_size, |tokens, _| {
         extract::forward(&model, tokens).map(drop)
@@ -119,7 +123,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         .map(|_| AtomicU32::new(0))
         .collect();
     let th = Thresholds {
-        ci: 1e-6,
+        ci: args.ci_threshold,
         output_prob: 0.01,
     };
     let ci_extract = time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
