@@ -281,11 +281,11 @@ fn scan_host(
                     let max = &mut s.max[bi * n_cols + col0..][..w];
                     if is_ci {
                         let arg = &mut s.argmax[bi * n_ci + col0..][..w];
+                        // Branch-free, so the compiler vectorizes it.
                         for ((m, a), &v) in max.iter_mut().zip(arg.iter_mut()).zip(row) {
-                            if v > *m {
-                                *m = v;
-                                *a = ti as u32;
-                            }
+                            let above = v > *m;
+                            *m = if above { v } else { *m };
+                            *a = if above { ti as u32 } else { *a };
                         }
                         let sum = &mut s.sum_ci[col0..col0 + w];
                         let fire = &mut s.n_firing[col0..col0 + w];

@@ -131,7 +131,7 @@ pub struct Summary {
     pub prompts_done: u64,
     /// Seconds from the first batch handed out to the last commit.
     pub seconds: f64,
-    /// Seconds to finish: the search index, posting lists and `meta.activation_contexts`.
+    /// Seconds to finish: the indexes, posting lists and `meta.activation_contexts`.
     pub finish_seconds: f64,
     pub batch_size: usize,
     /// Whether the run reached its end (then rerunning has nothing to do).
@@ -290,7 +290,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
 }
 
 /// Writes `meta.activation_contexts` from the accumulators and the final `generation` row, builds the
-/// search index if missing and the posting lists of the new prompts. Run it inside a transaction.
+/// indexes if missing and the posting lists of the new prompts. Run it inside a transaction.
 pub(crate) fn finish(
     conn: &Connection,
     contexts: &Contexts,
@@ -315,7 +315,7 @@ pub(crate) fn finish(
         &contexts.to_meta(record.tokens_done, &token_str),
     )?;
     writer::set_generation(conn, record)?;
-    schema::create_key_index(conn)?;
+    schema::create_indexes(conn)?;
     crate::store::postings::extend(conn)?;
     Ok(())
 }

@@ -10,10 +10,11 @@
 //! `(component_key, prompt_id, max_ci)`, not `component_key` alone. It serves every query the
 //! original's index serves (same name, same leading column, so the original's `CREATE INDEX IF NOT
 //! EXISTS` leaves it be), and searches read it alone, in prompt order, without touching the table.
-//! `generate` builds it when a run finishes ([`create_key_index`]): kept up to date row by row it
-//! would cost three times the rest of the writing, sorted once at the end far less. A database whose
-//! run was killed before finishing lacks it until the run is resumed; it still answers every query,
-//! more slowly.
+//!
+//! `generate` builds both indexes when a run finishes ([`create_indexes`]): kept up to date row by
+//! row they would cost about three times the rest of the writing, sorted once at the end far less. A
+//! database whose run was killed before its first finish lacks them until the run is resumed; it still
+//! answers every query, more slowly.
 //!
 //! Tables this tool adds (a database without them still opens and answers queries):
 //! - `generation`: one row, what the index was made from (model hash, thresholds, corpus, shard) and how
@@ -28,7 +29,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::{Result, StoreError};
 
-/// The original tool's tables and `idx_prompt_id`, as its `init_schema_simple` creates them.
+/// The original tool's tables, as its `init_schema_simple` creates them.
 macro_rules! original_tables {
     () => {
         "
@@ -49,9 +50,6 @@ CREATE TABLE IF NOT EXISTS component_activations (
     positions TEXT NOT NULL,
     FOREIGN KEY (prompt_id) REFERENCES prompts(id)
 );
-
-CREATE INDEX IF NOT EXISTS idx_prompt_id
-    ON component_activations(prompt_id);
 "
     };
 }
@@ -59,7 +57,8 @@ CREATE INDEX IF NOT EXISTS idx_prompt_id
 /// The original tool's schema (`init_schema_simple`).
 pub const ORIGINAL_SCHEMA: &str = concat!(
     original_tables!(),
-    "CREATE INDEX IF NOT EXISTS idx_component_key ON component_activations(component_key);"
+    "CREATE INDEX IF NOT EXISTS idx_component_key ON component_activations(component_key);
+     CREATE INDEX IF NOT EXISTS idx_prompt_id ON component_activations(prompt_id);"
 );
 
 /// The tables this tool adds.
@@ -97,8 +96,8 @@ CREATE TABLE IF NOT EXISTS postings_state (
 );
 ";
 
-/// Opens (creating if needed) a database for writing: WAL journal, the original schema but for
-/// `idx_component_key`, and this tool's tables.
+/// Opens (creating if needed) a database for writing: WAL journal, the original tables (indexes come
+/// at the end) and this tool's tables.
 pub fn open_for_writing(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.to_owned(),
@@ -115,17 +114,18 @@ pub fn open_for_writing(path: &Path) -> Result<Connection> {
     conn.execute_batch(
         "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-262144; PRAGMA temp_store=MEMORY;",
     )?;
-    // idx_component_key comes at the end (`create_key_index`).
+    // The indexes come at the end (`create_indexes`).
     conn.execute_batch(original_tables!())?;
     conn.execute_batch(EXTRA_SCHEMA)?;
     Ok(conn)
 }
 
-/// Builds this tool's `idx_component_key` (see the module documentation) unless the database has an
-/// index of that name.
-pub fn create_key_index(conn: &Connection) -> Result<()> {
+/// Builds `idx_prompt_id` and this tool's `idx_component_key` (see the module documentation), each
+/// unless the database has an index of that name.
+pub fn create_indexes(conn: &Connection) -> Result<()> {
     conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS idx_component_key
+        "CREATE INDEX IF NOT EXISTS idx_prompt_id ON component_activations(prompt_id);
+         CREATE INDEX IF NOT EXISTS idx_component_key
              ON component_activations(component_key, prompt_id, max_ci);",
     )?;
     Ok(())
