@@ -181,6 +181,12 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         abort_in_batch: None,
     };
     let summary = pipeline::run(&cfg)?;
+    // The same without context examples: what their writes cost in a short run, where most
+    // components still improve their top-k every batch.
+    let mut no_examples = cfg.clone();
+    no_examples.output = dir.join("no-examples.db");
+    no_examples.contexts.top_k = 0;
+    let no_examples = pipeline::run(&no_examples)?.tokens_per_second();
     let conn = schema::open_read_only(&db_path)?;
     let rows: i64 = conn.query_row("SELECT COUNT(*) FROM component_activations", [], |r| {
         r.get(0)
@@ -213,6 +219,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
     println!(
         "| pipeline: tokenize → CI → extract → write | {pipe:.0} | {:.0}% |",
         100.0 * pipe / (n_tokens / ci_only)
+    );
+    println!(
+        "| pipeline without context examples (top-k 0) | {no_examples:.0} | {:.0}% |",
+        100.0 * no_examples / (n_tokens / ci_only)
     );
     println!(
         "index rows per prompt: {:.0} ({:.0} rows/s written alone); database {:.1} MB; finishing \
