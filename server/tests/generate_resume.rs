@@ -99,16 +99,23 @@ fn abort_inside_a_batch_then_resume_equals_an_uninterrupted_run() {
     let whole = s.dir.join("whole.db");
     run_to_end(&s, &whole);
 
-    let db = s.dir.join("resumed.db");
-    let out = command(&s, &db)
-        .env("SPD_GENERATE_ABORT_IN_BATCH", "3")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "the hook should abort the process");
-    assert_eq!(check_interrupted(&db), 3 * BATCH as i64);
+    // Contexts saved with every batch, or (the default, 60 s) never before the kill: then the resumed
+    // run computes the written prompts again for them.
+    for (secs, contexts_saved) in [("0", 3 * BATCH as i64), ("60", 0)] {
+        let db = s.dir.join(format!("resumed-{secs}.db"));
+        let out = command(&s, &db)
+            .args(["--context-checkpoint-secs", secs])
+            .env("SPD_GENERATE_ABORT_IN_BATCH", "3")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the hook should abort the process");
+        assert_eq!(check_interrupted(&db), 3 * BATCH as i64);
+        assert_eq!(dump(&db).context_state.map_or(0, |s| s.0), contexts_saved);
 
-    run_to_end(&s, &db);
-    assert_eq!(dump(&db), dump(&whole));
+        run_to_end(&s, &db);
+        assert_eq!(dump(&db), dump(&whole), "checkpoints every {secs} s");
+    }
+    let db = s.dir.join("resumed-0.db");
     // A finished run has nothing left to do.
     let out = command(&s, &db).output().unwrap();
     assert!(out.status.success());

@@ -121,17 +121,20 @@ fn host_and_device_reductions_agree() {
                 |mode| extract::extract(&ci, &probs, windows, th, &ctx, &floors, mode).unwrap();
             let (host, device) = (run(ScanMode::Host), run(ScanMode::Device));
             assert_eq!(host.prompts, device.prompts, "{name}");
-            assert_eq!(host.n_firing, device.n_firing, "{name}");
-            assert_eq!(host.examples, device.examples, "{name}");
-            assert!(!host.examples.is_empty(), "{name}: no context examples");
-            for (a, b) in host.sum_ci.iter().zip(&device.sum_ci) {
+            assert_eq!(host.contexts.n_firing, device.contexts.n_firing, "{name}");
+            assert_eq!(host.contexts.examples, device.contexts.examples, "{name}");
+            assert!(
+                !host.contexts.examples.is_empty(),
+                "{name}: no context examples"
+            );
+            for (a, b) in host.contexts.sum_ci.iter().zip(&device.contexts.sum_ci) {
                 assert!(
                     (a - b).abs() <= 1e-4 * a.abs().max(1.0),
                     "{name}: {a} vs {b}"
                 );
             }
             assert_eq!(
-                host.n_tokens,
+                host.contexts.tokens,
                 windows.iter().map(|w| w.tokens.len() as u64).sum::<u64>()
             );
         }

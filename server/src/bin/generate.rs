@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use server::attribution::Thresholds;
@@ -117,6 +118,10 @@ struct RunArgs {
     /// Activation contexts: a component fires on a token where its CI > this.
     #[arg(long, alias = "act_ctx_importance_threshold", default_value_t = 0.1)]
     context_threshold: f32,
+    /// Save the activation contexts at most this often; a killed run computes the prompts written
+    /// since again, for the contexts alone, when resumed.
+    #[arg(long, default_value_t = 60.0)]
+    context_checkpoint_secs: f64,
     /// Log lines instead of a progress bar.
     #[arg(long)]
     no_progress_bar: bool,
@@ -181,6 +186,7 @@ fn config(a: RunArgs) -> Result<GenerateConfig, String> {
         } else {
             Progress::Auto
         },
+        context_checkpoint: Duration::from_secs_f64(a.context_checkpoint_secs),
         abort_in_batch,
     })
 }

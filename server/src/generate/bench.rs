@@ -150,9 +150,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         )?;
         extract_s.set(extract_s.get() + start.elapsed().as_secs_f64());
         extract_n.set(extract_n.get() + 1);
-        contexts
-            .borrow_mut()
-            .add(&ex.sum_ci, &ex.n_firing, ex.examples);
+        contexts.borrow_mut().add(ex.contexts);
         Ok(())
     })?;
 
@@ -178,6 +176,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         force_new: true,
         n_blocks: None,
         progress: Progress::Quiet,
+        context_checkpoint: pipeline::DEFAULT_CONTEXT_CHECKPOINT,
         abort_in_batch: None,
     };
     let summary = pipeline::run(&cfg)?;

@@ -37,13 +37,29 @@ impl Default for ContextParams {
     }
 }
 
+/// One batch's contribution to the activation contexts (columns as in [`Contexts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchContexts {
+    pub prompts: u64,
+    pub tokens: u64,
+    /// Per column: sum of CI over the batch's tokens.
+    pub sum_ci: Vec<f32>,
+    /// Per column: tokens where the CI is above the context threshold.
+    pub n_firing: Vec<u32>,
+    /// Candidate examples by column.
+    pub examples: Vec<(u32, ContextExample)>,
+}
+
 /// Accumulators for every component of every decomposed module (columns in model order: module `i`,
-/// component `c` is column `i * C + c`).
+/// component `c` is column `i * C + c`), over the run's first `prompts` prompts.
 #[derive(Debug)]
 pub struct Contexts {
     pub modules: Vec<String>,
     pub c: usize,
     pub params: ContextParams,
+    /// Prompts and tokens added so far.
+    pub prompts: u64,
+    pub tokens: u64,
     pub sum_ci: Vec<f64>,
     pub n_firing: Vec<u64>,
     /// Per column, best first, at most `top_k`.
@@ -61,6 +77,8 @@ impl Contexts {
             modules,
             c,
             params,
+            prompts: 0,
+            tokens: 0,
             sum_ci: vec![0.0; n],
             n_firing: vec![0; n],
             top: vec![vec![]; n],
@@ -77,6 +95,7 @@ impl Contexts {
         params: ContextParams,
     ) -> Result<Self> {
         let mut ctx = Self::new(modules, c, params);
+        (ctx.prompts, ctx.tokens) = table::read_state(conn)?;
         for m in table::read_module_sums(conn)? {
             let Some(i) = ctx.modules.iter().position(|x| *x == m.module) else {
                 return Err(StoreError::Invalid(format!(
@@ -120,15 +139,17 @@ impl Contexts {
         self.floors.clone()
     }
 
-    /// Adds one batch: per-column CI sums and firing counts, and candidate examples.
-    pub fn add(&mut self, sum_ci: &[f32], n_firing: &[u32], examples: Vec<(u32, ContextExample)>) {
-        for (acc, x) in self.sum_ci.iter_mut().zip(sum_ci) {
+    /// Adds one batch.
+    pub fn add(&mut self, batch: BatchContexts) {
+        self.prompts += batch.prompts;
+        self.tokens += batch.tokens;
+        for (acc, x) in self.sum_ci.iter_mut().zip(&batch.sum_ci) {
             *acc += *x as f64;
         }
-        for (acc, x) in self.n_firing.iter_mut().zip(n_firing) {
+        for (acc, x) in self.n_firing.iter_mut().zip(&batch.n_firing) {
             *acc += *x as u64;
         }
-        for (col, ex) in examples {
+        for (col, ex) in batch.examples {
             self.offer(col as usize, ex);
         }
     }
@@ -155,6 +176,8 @@ impl Contexts {
 
     /// Adds another run's accumulators (a shard of the same corpus).
     pub fn merge(&mut self, other: &Contexts) {
+        self.prompts += other.prompts;
+        self.tokens += other.tokens;
         for (a, b) in self.sum_ci.iter_mut().zip(&other.sum_ci) {
             *a += b;
         }
@@ -168,8 +191,10 @@ impl Contexts {
         }
     }
 
-    /// Writes the module sums and every top-k list that changed since the last save.
+    /// Writes the module sums, every top-k list that changed since the last save, and the count of
+    /// prompts covered.
     pub fn save(&mut self, conn: &Connection) -> Result<()> {
+        table::write_state(conn, self.prompts, self.tokens)?;
         for (i, module) in self.modules.iter().enumerate() {
             let cols = i * self.c..(i + 1) * self.c;
             table::write_module_sums(
@@ -194,7 +219,8 @@ impl Contexts {
     /// example_ci, example_active_pos, example_active_ci, pr_tokens, pr_recalls, pr_precisions}`
     /// (values rounded to 3 decimals as the original did), plus `density` and `example_token_ids`. The
     /// precision/recall lists, which the explorer does not use, are left empty.
-    pub fn to_meta(&self, n_tokens: u64, token_str: &dyn Fn(u32) -> String) -> Value {
+    pub fn to_meta(&self, token_str: &dyn Fn(u32) -> String) -> Value {
+        let n_tokens = self.tokens;
         let round = |x: f64| (x * 1000.0).round() / 1000.0;
         let per_token = |x: f64| {
             if n_tokens == 0 {
@@ -264,25 +290,21 @@ mod tests {
             ..Default::default()
         };
         let offers = [(0, 0.5), (1, 0.9), (2, 0.5), (3, 0.7), (4, 0.9), (5, 0.2)];
+        let batch = |sum: f32, fired: u32, offers: &[(u64, f32)]| BatchContexts {
+            prompts: offers.len() as u64,
+            tokens: 4 * offers.len() as u64,
+            sum_ci: vec![sum],
+            n_firing: vec![fired],
+            examples: offers.iter().map(|&(w, c)| (0, ex(w, c))).collect(),
+        };
         let mut one = Contexts::new(vec!["m".into()], 1, params);
-        one.add(
-            &[1.0],
-            &[2],
-            offers.iter().map(|&(w, c)| (0, ex(w, c))).collect(),
-        );
+        one.add(batch(1.0, 2, &offers));
         let mut a = Contexts::new(vec!["m".into()], 1, params);
         let mut b = Contexts::new(vec!["m".into()], 1, params);
-        a.add(
-            &[0.25],
-            &[1],
-            offers[3..].iter().map(|&(w, c)| (0, ex(w, c))).collect(),
-        );
-        b.add(
-            &[0.75],
-            &[1],
-            offers[..3].iter().map(|&(w, c)| (0, ex(w, c))).collect(),
-        );
+        a.add(batch(0.25, 1, &offers[3..]));
+        b.add(batch(0.75, 1, &offers[..3]));
         a.merge(&b);
+        assert_eq!((a.prompts, a.tokens), (one.prompts, one.tokens));
         assert_eq!(a.top, one.top);
         assert_eq!(a.sum_ci, one.sum_ci);
         assert_eq!(a.n_firing, one.n_firing);

@@ -19,7 +19,7 @@ use crate::model::{ModuleId, SpdModel};
 use crate::store::contexts::ContextExample;
 use crate::store::writer::{ActivationRow, PromptRows};
 
-use super::contexts::ContextParams;
+use super::contexts::{BatchContexts, ContextParams};
 use super::corpus::Window;
 
 /// The lower-leaky CI of every module (`[B, T, C]`, model order) and the target model's output
@@ -92,13 +92,8 @@ impl ScanMode {
 pub struct Extracted {
     /// Per prompt, its rows (key ids from [`key_table`]) in the order of the original's extraction.
     pub prompts: Vec<PromptRows>,
-    pub n_tokens: u64,
-    /// Per CI column (module `i`, component `c` at `i * C + c`): sum of CI over the batch's tokens.
-    pub sum_ci: Vec<f32>,
-    /// Per CI column: tokens where the CI is above the context threshold.
-    pub n_firing: Vec<u32>,
-    /// Candidate context examples by CI column.
-    pub examples: Vec<(u32, ContextExample)>,
+    /// CI columns are module `i`, component `c` at `i * C + c`.
+    pub contexts: BatchContexts,
 }
 
 /// Reductions of a batch, on the host. Columns: CI columns, then the vocabulary.
@@ -206,10 +201,13 @@ pub fn extract(
     }
     Ok(Extracted {
         prompts,
-        n_tokens: lens.iter().sum::<usize>() as u64,
-        sum_ci: scan.sum_ci,
-        n_firing: scan.n_firing,
-        examples,
+        contexts: BatchContexts {
+            prompts: windows.len() as u64,
+            tokens: lens.iter().sum::<usize>() as u64,
+            sum_ci: scan.sum_ci,
+            n_firing: scan.n_firing,
+            examples,
+        },
     })
 }
 

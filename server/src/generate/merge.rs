@@ -150,7 +150,6 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
         complete: parts.iter().all(|p| p.record.complete),
     };
     let tx = dst.transaction()?;
-    contexts.save(&tx)?;
     for key in [meta::WANDB_PATH, meta::N_BLOCKS] {
         if let Some(v) = meta::get(&first.conn, key)? {
             meta::set(&tx, key, &v)?;
@@ -159,7 +158,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
     let tokenizer = first.record.config["input"]["tokenizer"]["path"]
         .as_str()
         .and_then(|p| super::corpus::load_tokenizer(Path::new(p)).ok());
-    pipeline::finish(&tx, &contexts, &record, tokenizer.as_ref())?;
+    pipeline::finish(&tx, &mut contexts, &record, tokenizer.as_ref())?;
     tx.commit()?;
     Ok(MergeSummary { prompts: total })
 }

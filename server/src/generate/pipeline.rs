@@ -3,9 +3,12 @@
 //! bounded channels, so compute never waits on disk and memory stays bounded.
 //!
 //! The writer commits batches in corpus order, one transaction per batch holding its prompts, their
-//! rows, the activation-context updates and the progress. A killed run therefore leaves whole batches
-//! only, forming a prefix of the run's prompts, and rerunning the same command continues after it. The
-//! database is the same for any number of workers, and equal to that of an uninterrupted run.
+//! rows and the progress. A killed run therefore leaves whole batches only, forming a prefix of the
+//! run's prompts, and rerunning the same command continues after it. The activation contexts, whose
+//! top-k lists change in most batches early in a run, are saved once a minute (and at the end) with
+//! the count of prompts they cover; a resumed run computes the prompts written since then again, for
+//! the contexts alone. The database is the same for any number of workers, and equal to that of an
+//! uninterrupted run.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
@@ -83,6 +86,9 @@ impl std::str::FromStr for Shard {
     }
 }
 
+/// How often a run saves its activation contexts by default.
+pub const DEFAULT_CONTEXT_CHECKPOINT: Duration = Duration::from_secs(60);
+
 /// How progress is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
@@ -116,6 +122,9 @@ pub struct GenerateConfig {
     /// Stored as `meta.n_blocks` (default: the model's number of blocks).
     pub n_blocks: Option<usize>,
     pub progress: Progress,
+    /// How often the activation contexts are saved during the run. A killed run computes the prompts
+    /// written since again (for the contexts alone) when resumed.
+    pub context_checkpoint: Duration,
     /// Test hook: abort the process in the middle of writing this batch (0-based, counted in this
     /// process), as `kill -9` would.
     pub abort_in_batch: Option<u64>,
@@ -227,11 +236,24 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
             g
         }
     };
+    let modules: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
+    let mut contexts = Contexts::load(&conn, modules, model.c(), cfg.contexts)?;
+    if contexts.prompts > record.prompts_done {
+        return Err(GenerateError::Usage(format!(
+            "{}: the activation contexts cover {} prompts, the index only {}; pass --force-new",
+            cfg.output.display(),
+            contexts.prompts,
+            record.prompts_done
+        )));
+    }
     let target = cfg.n_prompts.map(|n| shard_len(n, cfg.shard));
-    let nothing_to_do = match target {
-        Some(t) => record.prompts_done >= t,
-        None => record.complete,
-    };
+    // Prompts written since the contexts were last saved are computed again for the contexts alone.
+    let contexts_behind = contexts.prompts < record.prompts_done;
+    let nothing_to_do = !contexts_behind
+        && match target {
+            Some(t) => record.prompts_done >= t,
+            None => record.complete,
+        };
     // A grown --n-prompts reopens a finished run; the requested size is kept for the record.
     record.complete &= nothing_to_do;
     record.config["n_prompts"] = identity["n_prompts"].clone();
@@ -247,8 +269,6 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         &json!({"n_blocks": cfg.n_blocks.unwrap_or(model.target.cfg.n_layer)}),
     )?;
 
-    let modules: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
-    let mut contexts = Contexts::load(&conn, modules, model.c(), cfg.contexts)?;
     let n_ctx = match &source {
         Source::Corpus { n_ctx, .. } => *n_ctx,
         Source::Prompts(p) => p.iter().map(|w| w.tokens.len()).max().unwrap_or(1),
@@ -273,8 +293,8 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
             devices: &devices,
             keys: extract::key_table(&model),
             batch_size,
-            skip: record.prompts_done,
-            limit: target.map(|t| t - record.prompts_done),
+            skip: contexts.prompts,
+            limit: target.map(|t| t.max(record.prompts_done) - contexts.prompts),
         };
         job.run(source, &mut conn, &mut contexts, &mut record, &mut summary)?;
     }
@@ -283,17 +303,18 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
     summary.complete = true;
     let start = Instant::now();
     let tx = conn.transaction()?;
-    finish(&tx, &contexts, &record, tokenizer.as_ref())?;
+    finish(&tx, &mut contexts, &record, tokenizer.as_ref())?;
     tx.commit()?;
     summary.finish_seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-/// Writes `meta.activation_contexts` from the accumulators and the final `generation` row, builds the
-/// indexes if missing and the posting lists of the new prompts. Run it inside a transaction.
+/// Saves the activation contexts and writes them into `meta.activation_contexts`, writes the final
+/// `generation` row, builds the indexes if missing and the posting lists of the new prompts. Run it
+/// inside a transaction.
 pub(crate) fn finish(
     conn: &Connection,
-    contexts: &Contexts,
+    contexts: &mut Contexts,
     record: &writer::GenerationRecord,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
@@ -309,10 +330,11 @@ pub(crate) fn finish(
             .cloned()
             .unwrap_or_else(|| id.to_string())
     };
+    contexts.save(conn)?;
     meta::set(
         conn,
         meta::ACTIVATION_CONTEXTS,
-        &contexts.to_meta(record.tokens_done, &token_str),
+        &contexts.to_meta(&token_str),
     )?;
     writer::set_generation(conn, record)?;
     schema::create_indexes(conn)?;
@@ -734,27 +756,36 @@ impl Pipeline<'_> {
     ) -> Result<()> {
         let mut progress = Reporter::new(self.cfg.progress, record.prompts_done, self.limit);
         let start = Instant::now();
+        let mut saved = Instant::now();
         let mut pending = BTreeMap::new();
         let mut next = 0u64;
+        // Prompts in the database that this run computes again for the activation contexts alone.
+        let mut replay = record.prompts_done - contexts.prompts;
         for done in rx {
             let done = done?;
             pending.insert(done.seq, done.extracted);
             while let Some(ex) = pending.remove(&next) {
-                let n_prompts = ex.prompts.len() as u64;
+                let seen = (replay as usize).min(ex.prompts.len());
+                replay -= seen as u64;
+                let new = &ex.prompts[seen..];
+                let new_tokens: u64 = new.iter().map(|p| p.token_ids.len() as u64).sum();
                 let tx = conn.transaction()?;
                 if self.cfg.abort_in_batch == Some(next) {
-                    writer::insert_prompts(&tx, &self.keys, &ex.prompts[..ex.prompts.len() / 2])?;
+                    writer::insert_prompts(&tx, &self.keys, &new[..new.len() / 2])?;
                     std::process::abort();
                 }
-                writer::insert_prompts(&tx, &self.keys, &ex.prompts)?;
-                contexts.add(&ex.sum_ci, &ex.n_firing, ex.examples);
-                contexts.save(&tx)?;
-                record.prompts_done += n_prompts;
-                record.tokens_done += ex.n_tokens;
+                writer::insert_prompts(&tx, &self.keys, new)?;
+                contexts.add(ex.contexts);
+                if saved.elapsed() >= self.cfg.context_checkpoint {
+                    contexts.save(&tx)?;
+                    saved = Instant::now();
+                }
+                record.prompts_done += new.len() as u64;
+                record.tokens_done += new_tokens;
                 writer::set_progress(&tx, record.prompts_done, record.tokens_done)?;
                 tx.commit()?;
-                summary.prompts_written += n_prompts;
-                summary.tokens_written += ex.n_tokens;
+                summary.prompts_written += new.len() as u64;
+                summary.tokens_written += new_tokens;
                 summary.prompts_done = record.prompts_done;
                 summary.seconds = start.elapsed().as_secs_f64();
                 progress.update(summary);

@@ -4,10 +4,11 @@
 //! Stored as accumulators, so a resumed run and a merge of shards continue them exactly:
 //! - `context_modules(module, sum_ci, n_firing)`: per decomposed module, little-endian `f64` sums of CI
 //!   and `u64` counts of firing tokens, one per component;
-//! - `context_examples(component_key, examples)`: the top-k examples, in a small binary encoding.
+//! - `context_examples(component_key, examples)`: the top-k examples, in a small binary encoding;
+//! - `context_state(prompts, tokens)`: how many of the run's first prompts, and tokens, they cover.
 //!
-//! The token count they divide by is `generation.tokens_done`. At the end of a run `generate` also
-//! writes them into `meta.activation_contexts` in the original tool's layout.
+//! They are saved every so often during a run and at its end, when `generate` also writes them into
+//! `meta.activation_contexts` in the original tool's layout.
 
 use std::cmp::Ordering;
 
@@ -174,7 +175,7 @@ pub fn component_contexts(conn: &Connection, key: &str) -> Result<Option<Compone
         return Ok(None);
     };
     let (sum, n_firing) = (f64::from_le_bytes(sum), u64::from_le_bytes(count));
-    let n_tokens = super::writer::generation(conn)?.map_or(0, |g| g.tokens_done);
+    let (_, n_tokens) = read_state(conn)?;
     let blob: Option<Vec<u8>> = conn
         .query_row(
             "SELECT examples FROM context_examples WHERE component_key = ?1",
@@ -203,6 +204,30 @@ pub fn component_contexts(conn: &Connection, key: &str) -> Result<Option<Compone
         density: per_token(n_firing as f64),
         examples,
     }))
+}
+
+/// Records that the accumulators cover the run's first `prompts` prompts (`tokens` tokens).
+pub fn write_state(conn: &Connection, prompts: u64, tokens: u64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO context_state (id, prompts, tokens) VALUES (1, ?1, ?2)",
+    )?
+    .execute(params![prompts as i64, tokens as i64])?;
+    Ok(())
+}
+
+/// `(prompts, tokens)` the accumulators cover (zeros without them).
+pub fn read_state(conn: &Connection) -> Result<(u64, u64)> {
+    if !super::schema::has_table(conn, "context_state")? {
+        return Ok((0, 0));
+    }
+    let state: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT prompts, tokens FROM context_state WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(state.map_or((0, 0), |(p, t)| (p as u64, t as u64)))
 }
 
 const ENCODING_VERSION: u8 = 1;

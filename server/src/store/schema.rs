@@ -19,7 +19,7 @@
 //! Tables this tool adds (a database without them still opens and answers queries):
 //! - `generation`: one row, what the index was made from (model hash, thresholds, corpus, shard) and how
 //!   far it got; `generate` resumes from it and refuses to mix runs.
-//! - `context_modules`, `context_examples`: the activation-context accumulators (see
+//! - `context_modules`, `context_examples`, `context_state`: the activation-context accumulators (see
 //!   [`super::contexts`]).
 //! - `postings`, `postings_state`: packed posting lists for fast searches (see [`super::postings`]).
 
@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS context_modules (
 CREATE TABLE IF NOT EXISTS context_examples (
     component_key TEXT PRIMARY KEY,
     examples BLOB NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS context_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    prompts INTEGER NOT NULL,
+    tokens INTEGER NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS postings (

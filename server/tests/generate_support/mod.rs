@@ -135,6 +135,7 @@ pub fn config(model: &Path, output: &Path, input: Input) -> GenerateConfig {
         force_new: false,
         n_blocks: None,
         progress: Progress::Quiet,
+        context_checkpoint: server::generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT,
         abort_in_batch: None,
     }
 }
@@ -162,6 +163,8 @@ pub struct Dump {
     pub generation: Option<(Value, i64, i64, bool)>,
     pub context_modules: Vec<(String, Vec<u8>, Vec<u8>)>,
     pub context_examples: Vec<(String, Vec<u8>)>,
+    /// `(prompts, tokens)` the activation contexts cover.
+    pub context_state: Option<(i64, i64)>,
 }
 
 pub fn dump(path: &Path) -> Dump {
@@ -242,6 +245,13 @@ pub fn dump_conn(conn: &Connection) -> Dump {
                 .collect()
         } else {
             vec![]
+        },
+        context_state: if has("context_state") {
+            all("SELECT prompts, tokens FROM context_state")
+                .first()
+                .map(|r| (int(&r[0]), int(&r[1])))
+        } else {
+            None
         },
         context_examples: if has("context_examples") {
             all("SELECT component_key, examples FROM context_examples ORDER BY component_key")
