@@ -143,6 +143,21 @@ fn merges_that_lose_or_duplicate_prompts_are_refused() {
         "{msg}"
     );
 
+    // A shard killed after its last batch, before its contexts were saved.
+    let stale = d.join("stale.db");
+    std::fs::copy(&parts[1], &stale).unwrap();
+    rusqlite::Connection::open(&stale)
+        .unwrap()
+        .execute("UPDATE context_state SET prompts = prompts - 1", [])
+        .unwrap();
+    let msg = merge(&out, &[parts[0].clone(), stale, parts[2].clone()], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("before saving the activation contexts"),
+        "{msg}"
+    );
+
     merge(&out, &parts, false).unwrap();
     let msg = merge(&out, &parts, false).unwrap_err().to_string();
     assert!(msg.contains("--force"), "{msg}");

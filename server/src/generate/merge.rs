@@ -104,6 +104,15 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
             _ => {}
         }
     }
+    for p in &parts {
+        let (covered, _) = crate::store::contexts::read_state(&p.conn)?;
+        if covered != p.record.prompts_done {
+            problems.push(format!(
+                "{} was stopped before saving the activation contexts of its last prompts",
+                p.path.display()
+            ));
+        }
+    }
     if !problems.is_empty() {
         return Err(usage(format!(
             "the shards do not add up to one run's first {total} prompts: {}; rerun unfinished \
