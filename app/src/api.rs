@@ -1,42 +1,169 @@
-//! Server functions. Their bodies run only on the server and reach the engine through context.
+//! Server functions. Their bodies run only on the server and reach the explorer service through
+//! context; the original tool's HTTP API (in `server/src/web/http_api.rs`) calls the same service.
 
-use crate::types::GraphData;
+use crate::types::{
+    ComponentInfo, GraphData, GraphParams, Meta, PromptPage, PromptRef, SearchResults,
+};
 use leptos::prelude::*;
+use leptos::server_fn::codec::Json;
 
-/// The attribution graph of a stored prompt.
-#[server]
-pub async fn get_graph(prompt_id: u32) -> Result<GraphData, ServerFnError> {
-    let Graphs(source) = use_context::<Graphs>()
-        .ok_or_else(|| ServerFnError::new("the server placed no graph source in context"))?;
-    // Graph computation is CPU-bound; keep it off the async workers.
-    tokio::task::spawn_blocking(move || source.graph(prompt_id))
-        .await
-        .map_err(|e| ServerFnError::new(format!("graph task failed: {e}")))?
-        .map_err(|e| ServerFnError::new(e.to_string()))
+/// The served run and database.
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_meta() -> Result<Meta, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.meta()).await
+}
+
+/// A page of stored prompts in id order, after id `after`; with `query`, only prompts whose decoded
+/// text contains it (case-insensitive).
+#[server(prefix = "/fn", input = Json)]
+pub async fn list_prompts(
+    query: String,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<PromptPage, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.prompts(&query, after, limit)).await
+}
+
+/// The attribution graph of a stored prompt or of typed text. `ticket` names the computation so that
+/// `/api/progress/{ticket}` can stream its progress.
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_graph(
+    prompt: PromptRef,
+    params: GraphParams,
+    ticket: Option<u64>,
+) -> Result<GraphData, ServerFnError> {
+    let service = service()?;
+    let graph = service.graph(prompt, params, ticket).await;
+    respond(graph.map(|g| (*g).clone()))
+}
+
+/// Prompts in which all (or any) of the component keys (`"layer:c"`) are alive, best first.
+#[server(prefix = "/fn", input = Json)]
+pub async fn search_components(
+    keys: Vec<String>,
+    all: bool,
+    limit: usize,
+) -> Result<SearchResults, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.search(&keys, all, limit)).await
+}
+
+/// Mean CI, density and top activation contexts of a component (`"layer:c"`).
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_component(key: String) -> Result<ComponentInfo, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.component(&key)).await
 }
 
 #[cfg(feature = "ssr")]
-pub use backend::{GraphSource, GraphSourceError, Graphs};
+pub use backend::{ApiError, Explorer, ExplorerHandle, GraphFuture};
+
+#[cfg(feature = "ssr")]
+fn service() -> Result<std::sync::Arc<dyn Explorer>, ServerFnError> {
+    use_context::<ExplorerHandle>()
+        .map(|h| h.0)
+        .ok_or_else(|| ServerFnError::new("the server placed no explorer service in context"))
+}
+
+/// Runs a blocking service call (database, tokenizer) off the async workers.
+#[cfg(feature = "ssr")]
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ServerFnError> {
+    let result = tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("task failed: {e}"))));
+    respond(result)
+}
+
+/// Bad input answers with a 4xx status, like the HTTP API; the message names the problem.
+#[cfg(feature = "ssr")]
+fn respond<T>(result: Result<T, ApiError>) -> Result<T, ServerFnError> {
+    result.map_err(|e| {
+        if let Some(opts) = use_context::<leptos_axum::ResponseOptions>() {
+            opts.set_status(
+                axum::http::StatusCode::from_u16(e.status())
+                    .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+            );
+        }
+        ServerFnError::new(e.message)
+    })
+}
 
 #[cfg(feature = "ssr")]
 mod backend {
-    use crate::types::GraphData;
+    use crate::types::{
+        ComponentInfo, GraphData, GraphParams, Meta, PromptPage, PromptRef, SearchResults,
+    };
+    use std::future::Future;
+    use std::pin::Pin;
     use std::sync::Arc;
 
-    /// Whatever produces graphs on the server: a placeholder, or the attribution engine.
-    pub trait GraphSource: Send + Sync + 'static {
-        fn graph(&self, prompt_id: u32) -> Result<GraphData, GraphSourceError>;
+    /// A graph on its way: computed by the server's graph worker, or taken from its cache.
+    pub type GraphFuture = Pin<Box<dyn Future<Output = Result<Arc<GraphData>, ApiError>> + Send>>;
+
+    /// Everything the page and the HTTP API ask of the server. Blocking methods are called off the
+    /// async runtime.
+    pub trait Explorer: Send + Sync + 'static {
+        fn meta(&self) -> Result<Meta, ApiError>;
+        fn prompts(
+            &self,
+            query: &str,
+            after: Option<i64>,
+            limit: usize,
+        ) -> Result<PromptPage, ApiError>;
+        fn graph(&self, prompt: PromptRef, params: GraphParams, ticket: Option<u64>)
+        -> GraphFuture;
+        fn search(
+            &self,
+            keys: &[String],
+            all: bool,
+            limit: usize,
+        ) -> Result<SearchResults, ApiError>;
+        fn component(&self, key: &str) -> Result<ComponentInfo, ApiError>;
     }
 
-    #[derive(Debug, thiserror::Error)]
-    pub enum GraphSourceError {
-        #[error("no prompt with id {0}")]
-        UnknownPrompt(u32),
-        #[error("computing the graph of prompt {prompt_id} failed: {message}")]
-        Engine { prompt_id: u32, message: String },
-    }
-
-    /// The graph source as the server provides it in Leptos context.
+    /// The service as the server provides it in Leptos context.
     #[derive(Clone)]
-    pub struct Graphs(pub Arc<dyn GraphSource>);
+    pub struct ExplorerHandle(pub Arc<dyn Explorer>);
+
+    /// A request the service cannot answer, with the HTTP status that says why.
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    #[error("{message}")]
+    pub struct ApiError {
+        pub status: u16,
+        pub message: String,
+    }
+
+    impl ApiError {
+        pub fn bad_request(message: impl Into<String>) -> Self {
+            ApiError {
+                status: 400,
+                message: message.into(),
+            }
+        }
+        pub fn not_found(message: impl Into<String>) -> Self {
+            ApiError {
+                status: 404,
+                message: message.into(),
+            }
+        }
+        pub fn busy(message: impl Into<String>) -> Self {
+            ApiError {
+                status: 503,
+                message: message.into(),
+            }
+        }
+        pub fn internal(message: impl Into<String>) -> Self {
+            ApiError {
+                status: 500,
+                message: message.into(),
+            }
+        }
+        pub fn status(&self) -> u16 {
+            self.status
+        }
+    }
 }

@@ -6,13 +6,167 @@ use std::fmt;
 /// The attribution graph of one prompt (SPEC §3).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GraphData {
-    pub prompt_id: u32,
+    /// The stored prompt this graph is of; `None` for a custom prompt typed by the user.
+    pub prompt_id: Option<i64>,
     /// Decoded tokens of the prompt, one per sequence position.
     pub tokens: Vec<String>,
     /// Number of transformer blocks of the model, so empty layers still get a row.
     pub n_blocks: usize,
     pub nodes: Vec<Node>,
+    /// The strongest edges by |value| (normalized afterwards when asked), strongest first.
     pub edges: Vec<Edge>,
+    /// Edges of the full graph before the cap and the mean-CI filter.
+    pub total_edges: usize,
+    /// The cap applied (`edges.len() <= cap`).
+    pub edge_cap: usize,
+    /// The parameters the graph was computed with.
+    pub params: GraphParams,
+    /// Output nodes: the predicted token and its probability (CI-masked model), by node key.
+    pub outputs: Vec<OutputNode>,
+}
+
+/// An alive output node: token `token_id` at position `seq` with probability `prob`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputNode {
+    pub key: String,
+    pub token: String,
+    pub prob: f32,
+}
+
+/// What a graph is computed with. Defaults are the original server's.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphParams {
+    /// Components with CI at or above this are nodes.
+    pub ci_threshold: f32,
+    /// Output tokens with probability at or above this are nodes.
+    pub output_prob_threshold: f32,
+    /// Divide each node's incoming edges by the sum of their |value|.
+    pub normalize: bool,
+    /// Drop components whose mean CI over the database is above this (1 keeps all).
+    pub max_mean_ci: f32,
+}
+
+impl Default for GraphParams {
+    fn default() -> Self {
+        GraphParams {
+            ci_threshold: 0.1,
+            output_prob_threshold: 0.05,
+            normalize: true,
+            max_mean_ci: 1.0,
+        }
+    }
+}
+
+impl GraphParams {
+    /// A message naming the first parameter out of its range.
+    pub fn check(&self) -> Result<(), String> {
+        let in_unit = |x: f32| (0.0..=1.0).contains(&x);
+        if !self.ci_threshold.is_finite() || self.ci_threshold < 0.0 {
+            return Err(format!(
+                "ci_threshold must be a number >= 0, got {}",
+                self.ci_threshold
+            ));
+        }
+        if !in_unit(self.output_prob_threshold) {
+            return Err(format!(
+                "output_prob_threshold must be in [0, 1], got {}",
+                self.output_prob_threshold
+            ));
+        }
+        if !in_unit(self.max_mean_ci) {
+            return Err(format!(
+                "max_mean_ci must be in [0, 1], got {}",
+                self.max_mean_ci
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which prompt to graph: a stored one, or text the user typed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PromptRef {
+    Stored(i64),
+    Text(String),
+}
+
+/// What the page shows about the served run and its database.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Where the model was loaded from.
+    pub model_path: String,
+    pub n_blocks: usize,
+    /// Longest prompt the model takes.
+    pub n_ctx: usize,
+    pub prompt_count: u64,
+    /// Size of the database file in bytes (0 without a database).
+    pub db_bytes: u64,
+    /// Whether component hover cards can show activation contexts.
+    pub has_contexts: bool,
+    /// Whether custom text can be tokenized (a tokenizer.json was found).
+    pub can_tokenize: bool,
+}
+
+/// A prompt in the picker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptSummary {
+    pub id: i64,
+    /// The decoded prompt, tokens joined.
+    pub text: String,
+    pub n_tokens: usize,
+}
+
+/// A page of the prompt list.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromptPage {
+    pub prompts: Vec<PromptSummary>,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next_after: Option<i64>,
+}
+
+/// A prompt where searched components fire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    pub prompt: PromptSummary,
+    /// Smallest (all) or largest (any) max CI of the searched components.
+    pub score: f32,
+    /// Per searched component alive in this prompt: its key, max CI and positions.
+    pub matches: Vec<ComponentMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComponentMatch {
+    pub key: String,
+    pub max_ci: f32,
+    pub positions: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchResults {
+    pub total: usize,
+    pub hits: Vec<SearchHit>,
+}
+
+/// What the database knows about a component (`"layer:c"`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComponentInfo {
+    pub key: String,
+    /// Mean CI over every indexed token; `None` without activation contexts.
+    pub mean_ci: Option<f64>,
+    /// Fraction of indexed tokens where it fires.
+    pub density: Option<f64>,
+    /// Prompts in which it is alive.
+    pub n_prompts: u64,
+    /// Top examples, best first.
+    pub examples: Vec<ContextSnippet>,
+}
+
+/// Tokens around a firing position, with the component's CI at each; `active` is the firing token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContextSnippet {
+    pub tokens: Vec<String>,
+    pub ci: Vec<f32>,
+    pub active: usize,
 }
 
 /// An alive node: `wte:s:0`, a component `layer:s:c`, or an output token `output:s:v`.
@@ -97,7 +251,7 @@ mod tests {
     #[test]
     fn round_trips_through_json() {
         let g = GraphData {
-            prompt_id: 3,
+            prompt_id: Some(3),
             tokens: vec!["a".into()],
             n_blocks: 1,
             nodes: vec![Node {
@@ -109,6 +263,7 @@ mod tests {
                 tgt: "output:0:5".into(),
                 val: -0.5,
             }],
+            ..GraphData::default()
         };
         let json = serde_json::to_string(&g).unwrap();
         assert_eq!(serde_json::from_str::<GraphData>(&json).unwrap(), g);

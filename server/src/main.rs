@@ -1,11 +1,17 @@
-//! `server`: serves the explorer in the browser.
+//! `server`: serves the explorer in the browser. With no arguments it serves the built-in demo run,
+//! indexing the demo corpus into a database on first start.
 
 use clap::Parser;
-use server::model::SpdModel;
-use server::web::engine::{EngineGraphs, Prompts};
-use server::web::{AppState, GraphBackend, serve};
+use server::web::{AppState, Prompts, Run, Service, serve};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The demo SPD run shipped in the repository (`make demo-model` rebuilds it).
+const DEMO_RUN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo/run");
+/// The demo corpus the demo database is built from.
+const DEMO_CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo/corpus.txt");
+/// Where the demo database is built on first start.
+const DEMO_DB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/demo.db");
 
 #[derive(Parser)]
 #[command(about = "Serve the SPD local-attributions explorer")]
@@ -13,11 +19,12 @@ struct Args {
     /// Address to listen on [default: LEPTOS_SITE_ADDR, else 127.0.0.1:3000].
     #[arg(long)]
     addr: Option<SocketAddr>,
-    /// SPD run to serve (run directory, model_<step>.pth or model.safetensors). Without it the page
-    /// shows a placeholder graph.
+    /// SPD run to serve (run directory, model_<step>.pth or model.safetensors) [default: the
+    /// built-in demo].
     #[arg(long, env = "SPD_MODEL")]
     model: Option<PathBuf>,
-    /// Database of prompts written by `generate` (or the original tool), opened read-only.
+    /// Database of prompts written by `generate` (or the original tool), opened read-only [default
+    /// with the demo: data/demo.db, built on first start].
     #[arg(long, env = "SPD_DB", conflicts_with = "prompts")]
     db: Option<PathBuf>,
     /// JSON file of token-id arrays to serve instead of a database [default: prompts.json in the run].
@@ -28,30 +35,100 @@ struct Args {
     device: String,
 }
 
-/// The graph source the flags ask for.
-fn backend(args: &Args) -> Result<GraphBackend, String> {
-    let Some(model_path) = &args.model else {
-        return Ok(GraphBackend::Placeholder);
-    };
-    let device = server::device::parse_device(&args.device)?;
-    let model = SpdModel::load(model_path, &device).map_err(|e| e.to_string())?;
-    let run_dir = server::model::checkpoint::locate_run(model_path)
-        .map_err(|e| e.to_string())?
-        .run_dir;
-    let prompts = match (&args.db, &args.prompts) {
-        (Some(db), _) => Prompts::Db(std::sync::Mutex::new(
-            server::store::schema::open_read_only(db).map_err(|e| e.to_string())?,
-        )),
-        (None, Some(file)) => Prompts::List(EngineGraphs::read_prompts(file)?),
-        (None, None) => Prompts::List(EngineGraphs::read_prompts(&run_dir.join("prompts.json"))?),
-    };
+/// Indexes the demo corpus, resuming a database left half-written by an interrupted start.
+fn build_demo_db(model: &Path, db: &Path) -> Result<(), String> {
+    use server::generate::{self, GenerateConfig, Input, Progress};
     tracing::info!(
-        "serving {} with the attribution engine",
-        model_path.display()
+        "building the demo database {} from {} (first start only)",
+        db.display(),
+        DEMO_CORPUS
     );
-    Ok(GraphBackend::Engine(Box::new(EngineGraphs::new(
-        model, prompts, &run_dir,
-    )?)))
+    if let Some(dir) = db.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let cfg = GenerateConfig {
+        model: model.to_owned(),
+        output: db.to_owned(),
+        input: Input::Corpus {
+            path: DEMO_CORPUS.into(),
+            column: None,
+            tokenizer: None,
+            eos_token: None,
+            n_ctx: 32,
+            seed: 0,
+        },
+        n_prompts: None,
+        batch_size: None,
+        // The graph's default threshold, so a component pinned in a graph is found by search.
+        thresholds: server::attribution::Thresholds {
+            ci: 0.1,
+            output_prob: 0.01,
+        },
+        contexts: Default::default(),
+        devices: vec!["cpu".into()],
+        workers: None,
+        shard: Default::default(),
+        force_new: false,
+        n_blocks: None,
+        progress: Progress::Log,
+        context_checkpoint: generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT,
+        abort_in_batch: None,
+    };
+    let s = generate::run(&cfg).map_err(|e| format!("building the demo database: {e}"))?;
+    tracing::info!(
+        "demo database ready: {} prompts in {:.1} s",
+        s.prompts_done,
+        s.seconds + s.finish_seconds
+    );
+    Ok(())
+}
+
+/// Whether `db` holds a finished generation (a start killed while building it leaves one that is
+/// not, which the next start resumes).
+fn demo_db_complete(db: &Path) -> bool {
+    server::store::schema::open_read_only(db)
+        .ok()
+        .and_then(|c| server::store::queries::generation(&c).ok().flatten())
+        .is_some_and(|g| g.complete)
+}
+
+/// The service the flags ask for.
+fn service(args: &Args) -> Result<Service, String> {
+    let device = server::device::parse_device(&args.device)?;
+    let demo = args.model.is_none();
+    let model_path = args.model.clone().unwrap_or_else(|| DEMO_RUN.into());
+    if demo && !model_path.exists() {
+        return Err(format!(
+            "no --model given and the built-in demo is missing at {DEMO_RUN} (make demo-model \
+             rebuilds it)"
+        ));
+    }
+    let run = Run::load(&model_path, &device)?;
+    let prompts = match (&args.db, &args.prompts) {
+        (Some(db), _) => Prompts::open_db(db)?,
+        (None, Some(file)) => Prompts::read_list(file)?,
+        (None, None) if demo => {
+            let db = PathBuf::from(DEMO_DB);
+            if !demo_db_complete(&db) {
+                build_demo_db(&model_path, &db)?;
+            }
+            Prompts::open_db(&db)?
+        }
+        (None, None) => {
+            let run_dir = server::model::checkpoint::locate_run(&model_path)
+                .map_err(|e| e.to_string())?
+                .run_dir;
+            let file = run_dir.join("prompts.json");
+            if file.is_file() {
+                Prompts::read_list(&file)?
+            } else {
+                tracing::warn!("no --db and no prompts.json in the run: only typed prompts work");
+                Prompts::List(vec![])
+            }
+        }
+    };
+    tracing::info!("serving {}", model_path.display());
+    Ok(Service::new(run, prompts))
 }
 
 #[tokio::main]
@@ -64,7 +141,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let options = leptos::config::get_configuration(None)?.leptos_options;
     let addr = args.addr.unwrap_or(options.site_addr);
-    let backend = backend(&args).map_err(|e| format!("cannot start: {e}"))?;
-    serve(addr, AppState::new(options, backend)).await?;
+    let service = tokio::task::spawn_blocking(move || service(&args))
+        .await?
+        .map_err(|e| format!("cannot start: {e}"))?;
+    serve(addr, AppState::new(options, service)).await?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Text → token ids with a local Hugging Face `tokenizer.json` (no hub access).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::model::SpdModel;
 
 /// Encodes `text` without adding special tokens.
 pub fn encode(tokenizer_json: &Path, text: &str) -> Result<Vec<u32>, String> {
@@ -10,4 +12,16 @@ pub fn encode(tokenizer_json: &Path, text: &str) -> Result<Vec<u32>, String> {
         .encode(text, false)
         .map_err(|e| format!("cannot tokenize the text: {e}"))?;
     Ok(enc.get_ids().to_vec())
+}
+
+/// `tokenizer.json` next to the run, or at the run's `tokenizer_name` when that is a local path.
+pub fn find_for(model: &SpdModel) -> Option<PathBuf> {
+    let run_dir = model.checkpoint.parent().unwrap_or(Path::new("."));
+    let mut candidates = vec![run_dir.join("tokenizer.json")];
+    if let Some(name) = &model.config.tokenizer_name {
+        let p = PathBuf::from(name);
+        candidates.push(p.join("tokenizer.json"));
+        candidates.push(p);
+    }
+    candidates.into_iter().find(|p| p.is_file())
 }

@@ -358,7 +358,7 @@ fn resolve_input(
     let explicit = match &cfg.input {
         Input::Corpus { tokenizer, .. } | Input::TokensFile { tokenizer, .. } => tokenizer.clone(),
     };
-    let tok_path = explicit.or_else(|| find_tokenizer(model));
+    let tok_path = explicit.or_else(|| crate::tokenizer::find_for(model));
     let tok_identity = |p: &Path| -> Result<Value> {
         Ok(json!({"path": absolute(p).display().to_string(), "sha256": sha256_file(p)?}))
     };
@@ -429,18 +429,6 @@ fn resolve_input(
             Ok((source, identity, Some(tokenizer)))
         }
     }
-}
-
-/// `tokenizer.json` next to the run, or at the run's `tokenizer_name` when that is a local path.
-fn find_tokenizer(model: &SpdModel) -> Option<PathBuf> {
-    let run_dir = model.checkpoint.parent().unwrap_or(Path::new("."));
-    let mut candidates = vec![run_dir.join("tokenizer.json")];
-    if let Some(name) = &model.config.tokenizer_name {
-        let p = PathBuf::from(name);
-        candidates.push(p.join("tokenizer.json"));
-        candidates.push(p);
-    }
-    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// Lists the identity fields that differ (`path: database X, this run Y`), skipping the dotted

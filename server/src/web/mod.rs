@@ -1,9 +1,14 @@
-//! Serving: the axum router around the Leptos app, and the graph sources behind its server functions.
+//! Serving: the axum router around the Leptos app, the original tool's HTTP API, and the explorer
+//! service behind both.
 
-pub mod engine;
-pub mod placeholder;
+pub mod http_api;
+pub mod jobs;
 pub mod routes;
+pub mod run;
+pub mod service;
 pub mod state;
 
 pub use routes::{router, serve};
-pub use state::{AppState, GraphBackend};
+pub use run::Run;
+pub use service::{Prompts, Service};
+pub use state::AppState;

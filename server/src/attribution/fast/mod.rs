@@ -171,6 +171,18 @@ impl FastEngine {
         ci: &PromptCi,
         th: Thresholds,
     ) -> Result<Graph, RunError> {
+        self.graph_with_progress(model, ci, th, &|_, _| {})
+    }
+
+    /// [`Self::graph`], calling `progress(done, total)` as work units finish (from this thread), so
+    /// a server can tell a waiting user how far a long prompt has got.
+    pub fn graph_with_progress(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Graph, RunError> {
         let rec = Recorded::run(model, ci)?;
         let masked_logits = rec.logits.to_rows();
         let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits_tensor)?)?.to_rows();
@@ -248,6 +260,7 @@ impl FastEngine {
                 while let Some(piece) = waiting.remove(&expected) {
                     edges.extend(piece);
                     expected += 1;
+                    progress(expected, units.len());
                 }
             }
         });

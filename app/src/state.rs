@@ -1,0 +1,209 @@
+//! The view a researcher is looking at, and its URL form, so a view can be shared and survives a
+//! reload: which prompt (or typed text), pinned components, filters, layout, zoom and pan.
+
+use crate::canvas::layout::LayoutMode;
+use crate::types::{GraphParams, PromptRef};
+
+/// Edges drawn by default (the strongest by |value|).
+pub const DEFAULT_TOP_K: usize = 2_000;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewState {
+    pub prompt: PromptRef,
+    /// Pinned components, `"layer:c"`, in pin order.
+    pub pins: Vec<String>,
+    pub top_k: usize,
+    pub params: GraphParams,
+    pub layout: LayoutMode,
+    /// Zoom factor and pan offset in CSS pixels.
+    pub zoom: f64,
+    pub pan: (f64, f64),
+}
+
+impl Default for ViewState {
+    fn default() -> Self {
+        ViewState {
+            prompt: PromptRef::Stored(1),
+            pins: vec![],
+            top_k: DEFAULT_TOP_K,
+            params: GraphParams::default(),
+            layout: LayoutMode::Jittered,
+            zoom: 1.0,
+            pan: (0.0, 0.0),
+        }
+    }
+}
+
+impl ViewState {
+    /// The query string (without `?`); only what differs from the defaults, in a fixed order.
+    pub fn to_query(&self) -> String {
+        let d = ViewState::default();
+        let mut parts: Vec<(&str, String)> = vec![];
+        match &self.prompt {
+            PromptRef::Stored(id) => parts.push(("prompt", id.to_string())),
+            PromptRef::Text(t) => parts.push(("text", t.clone())),
+        }
+        if !self.pins.is_empty() {
+            parts.push(("pins", self.pins.join(",")));
+        }
+        if self.top_k != d.top_k {
+            parts.push(("topk", self.top_k.to_string()));
+        }
+        let p = &self.params;
+        if p.ci_threshold != d.params.ci_threshold {
+            parts.push(("ci", p.ci_threshold.to_string()));
+        }
+        if p.output_prob_threshold != d.params.output_prob_threshold {
+            parts.push(("out", p.output_prob_threshold.to_string()));
+        }
+        if p.normalize != d.params.normalize {
+            parts.push(("norm", if p.normalize { "1" } else { "0" }.into()));
+        }
+        if p.max_mean_ci != d.params.max_mean_ci {
+            parts.push(("mmci", p.max_mean_ci.to_string()));
+        }
+        if self.layout != d.layout {
+            parts.push(("layout", self.layout.name().into()));
+        }
+        if self.zoom != 1.0 || self.pan != (0.0, 0.0) {
+            parts.push((
+                "view",
+                format!("{:.3},{:.1},{:.1}", self.zoom, self.pan.0, self.pan.1),
+            ));
+        }
+        parts
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", encode(&v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// Reads a query string (with or without `?`); anything missing or malformed keeps its default.
+    pub fn from_query(query: &str) -> ViewState {
+        let mut s = ViewState::default();
+        for pair in query.trim_start_matches('?').split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = decode(v);
+            match k {
+                "prompt" => {
+                    if let Ok(id) = v.parse() {
+                        s.prompt = PromptRef::Stored(id);
+                    }
+                }
+                "text" if !v.is_empty() => s.prompt = PromptRef::Text(v),
+                "pins" => {
+                    s.pins = v
+                        .split(',')
+                        .filter(|p| p.contains(':'))
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "topk" => s.top_k = v.parse().unwrap_or(s.top_k),
+                "ci" => s.params.ci_threshold = v.parse().unwrap_or(s.params.ci_threshold),
+                "out" => {
+                    s.params.output_prob_threshold =
+                        v.parse().unwrap_or(s.params.output_prob_threshold)
+                }
+                "norm" => s.params.normalize = v != "0",
+                "mmci" => s.params.max_mean_ci = v.parse().unwrap_or(s.params.max_mean_ci),
+                "layout" => s.layout = LayoutMode::from_name(&v).unwrap_or(s.layout),
+                "view" => {
+                    let n: Vec<f64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
+                    if let [z, x, y] = n[..]
+                        && z > 0.0
+                    {
+                        s.zoom = z;
+                        s.pan = (x, y);
+                    }
+                }
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and the separators we use inside values.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' | b':' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
+            .flatten();
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 2;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_view_is_just_the_prompt() {
+        assert_eq!(ViewState::default().to_query(), "prompt=1");
+        assert_eq!(ViewState::from_query(""), ViewState::default());
+    }
+
+    #[test]
+    fn every_field_round_trips_through_the_url() {
+        let s = ViewState {
+            prompt: PromptRef::Text("Tom said \"hi\" & left, 100% sure+".into()),
+            pins: vec!["h.0.attn.k_proj:12".into(), "output:431".into()],
+            top_k: 500,
+            params: GraphParams {
+                ci_threshold: 0.25,
+                output_prob_threshold: 0.1,
+                normalize: false,
+                max_mean_ci: 0.5,
+            },
+            layout: LayoutMode::Importance,
+            zoom: 2.5,
+            pan: (-120.5, 33.0),
+        };
+        let q = s.to_query();
+        assert!(!q.contains(' ') && !q.contains('"'), "{q}");
+        assert_eq!(ViewState::from_query(&q), s);
+        assert_eq!(ViewState::from_query(&format!("?{q}")), s);
+    }
+
+    #[test]
+    fn malformed_values_keep_their_defaults() {
+        let s = ViewState::from_query(
+            "prompt=x&topk=-3&ci=abc&layout=spiral&view=0,1,2&pins=bad,,wte:0&zzz",
+        );
+        let d = ViewState::default();
+        assert_eq!(s.prompt, d.prompt);
+        assert_eq!(s.top_k, d.top_k);
+        assert_eq!(s.params, d.params);
+        assert_eq!(s.layout, d.layout);
+        assert_eq!((s.zoom, s.pan), (d.zoom, d.pan));
+        assert_eq!(s.pins, vec!["wte:0".to_owned()]);
+        assert_eq!(decode("%zz%4"), "%zz%4");
+    }
+}

@@ -1,0 +1,250 @@
+//! The canvas: drawing on every change that matters, zoom (wheel) and pan (drag), hover and click.
+
+use leptos::prelude::*;
+
+use super::card::HoverCard;
+use super::page::{Ctx, Hover};
+use crate::canvas::hit;
+use crate::canvas::layout::{Point, height_for};
+use crate::canvas::view::Viewport;
+
+/// Pointer travel (CSS px) below which a press and release is a click, not a drag.
+const CLICK_SLOP: f64 = 4.0;
+
+#[derive(Clone, Copy, Debug)]
+struct Drag {
+    start: (f64, f64),
+    last: (f64, f64),
+    moved: bool,
+}
+
+#[component]
+pub fn GraphView() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let canvas = NodeRef::<leptos::html::Canvas>::new();
+    let drag: RwSignal<Option<Drag>> = RwSignal::new(None);
+    let viewport = move || {
+        ctx.view.with(|v| Viewport {
+            zoom: v.zoom,
+            pan: v.pan,
+        })
+    };
+
+    // Keep the layout width equal to the canvas's CSS width.
+    let measure = move || {
+        if let Some(el) = canvas.get_untracked() {
+            let w = f64::from(el.client_width().max(320));
+            if (w - ctx.width.get_untracked()).abs() > 0.5 {
+                ctx.width.set(w);
+            }
+        }
+    };
+    Effect::new(move || {
+        canvas.track();
+        measure();
+    });
+    let _resize = window_event_listener(leptos::ev::resize, move |_| measure());
+
+    // Redraw when the graph, layout, view, hover or pins change; nothing else triggers a paint.
+    Effect::new(move || {
+        let hover = ctx.hover.get();
+        let pins = ctx.view.with(|v| v.pins.clone());
+        let vp = viewport();
+        let Some(el) = canvas.get() else { return };
+        ctx.graph.with(|g| {
+            ctx.scene.with(|s| {
+                ctx.layout.with(|l| {
+                    if let (Some(g), Some(s), Some(l)) = (g, s, l) {
+                        paint(&el, g, s, l, vp, hover, &pins);
+                    }
+                })
+            })
+        });
+    });
+
+    let grid = Memo::new(move |_| ctx.layout.with(|l| l.as_ref().map(hit::NodeGrid::new)));
+    let hit_test = move |x: f64, y: f64| -> Hover {
+        let world = viewport().to_world(Point { x, y });
+        let zoom = ctx.view.with_untracked(|v| v.zoom);
+        ctx.layout.with_untracked(|l| {
+            ctx.scene.with_untracked(|s| {
+                let (Some(l), Some(s)) = (l, s) else {
+                    return Hover::None;
+                };
+                let node = grid.with_untracked(|g| g.as_ref()?.node_at(l, world, 3.0 / zoom));
+                if let Some(i) = node {
+                    return Hover::Node(i);
+                }
+                match hit::edge_at(s, l, world, 3.0 / zoom) {
+                    Some(e) => Hover::Edge(e),
+                    None => Hover::None,
+                }
+            })
+        })
+    };
+
+    let on_move = move |ev: leptos::ev::MouseEvent| {
+        let (x, y) = (f64::from(ev.offset_x()), f64::from(ev.offset_y()));
+        ctx.pointer.set((x, y));
+        if let Some(mut d) = drag.get_untracked() {
+            let (dx, dy) = (x - d.last.0, y - d.last.1);
+            d.last = (x, y);
+            if (x - d.start.0).abs() + (y - d.start.1).abs() > CLICK_SLOP {
+                d.moved = true;
+            }
+            drag.set(Some(d));
+            if d.moved {
+                ctx.view.update(|v| {
+                    let p = Viewport {
+                        zoom: v.zoom,
+                        pan: v.pan,
+                    }
+                    .pan_by(dx, dy);
+                    v.pan = p.pan;
+                });
+                return;
+            }
+        }
+        let h = hit_test(x, y);
+        if h != ctx.hover.get_untracked() {
+            if let (Hover::Node(i), Some(key)) = (
+                h,
+                ctx.scene
+                    .with_untracked(|s| s.as_ref().map(|s| s.component.clone())),
+            ) && let Some(c) = key.get(i)
+                && !c.starts_with("output:")
+                && !c.starts_with("wte:")
+            {
+                ctx.want_info(c);
+            }
+            ctx.hover.set(h);
+        }
+    };
+    let on_down = move |ev: leptos::ev::MouseEvent| {
+        let p = (f64::from(ev.offset_x()), f64::from(ev.offset_y()));
+        drag.set(Some(Drag {
+            start: p,
+            last: p,
+            moved: false,
+        }));
+    };
+    let on_up = move |ev: leptos::ev::MouseEvent| {
+        let Some(d) = drag.get_untracked() else {
+            return;
+        };
+        drag.set(None);
+        if d.moved {
+            return;
+        }
+        let h = hit_test(f64::from(ev.offset_x()), f64::from(ev.offset_y()));
+        if let Hover::Node(i) = h
+            && let Some(c) = ctx
+                .scene
+                .with_untracked(|s| s.as_ref().and_then(|s| s.component.get(i).cloned()))
+        {
+            ctx.toggle_pin(&c);
+        }
+    };
+    let on_leave = move |_| {
+        drag.set(None);
+        ctx.hover.set(Hover::None);
+    };
+    let on_wheel = move |ev: leptos::ev::WheelEvent| {
+        ev.prevent_default();
+        let at = Point {
+            x: f64::from(ev.offset_x()),
+            y: f64::from(ev.offset_y()),
+        };
+        let factor = (-ev.delta_y() * 0.0015).exp();
+        ctx.view.update(|v| {
+            let z = Viewport {
+                zoom: v.zoom,
+                pan: v.pan,
+            }
+            .zoom_at(at, factor);
+            v.zoom = z.zoom;
+            v.pan = z.pan;
+        });
+    };
+
+    let cursor = move || match (drag.get().is_some_and(|d| d.moved), ctx.hover.get()) {
+        (true, _) => "grabbing",
+        (false, Hover::Node(_)) => "pointer",
+        _ => "grab",
+    };
+    let height = move || {
+        ctx.graph
+            .with(|g| g.as_ref().map_or(height_for(2), |g| height_for(g.n_blocks)))
+    };
+
+    view! {
+        <div class="canvas-wrap">
+            <canvas
+                class="graph"
+                node_ref=canvas
+                style:height=move || format!("{}px", height())
+                style:cursor=cursor
+                on:mousemove=on_move
+                on:mousedown=on_down
+                on:mouseup=on_up
+                on:mouseleave=on_leave
+                on:wheel=on_wheel
+            ></canvas>
+            <HoverCard />
+        </div>
+    }
+}
+
+#[cfg(feature = "hydrate")]
+fn paint(
+    el: &leptos::web_sys::HtmlCanvasElement,
+    g: &crate::types::GraphData,
+    s: &crate::canvas::scene::Scene,
+    l: &crate::canvas::layout::Layout,
+    vp: Viewport,
+    hover: Hover,
+    pins: &[String],
+) {
+    use crate::canvas::draw;
+    let Some((ctx2d, w, h)) = draw::fit_canvas(el, l.height) else {
+        leptos::logging::error!("the graph canvas has no 2D context");
+        return;
+    };
+    let pinned = s.nodes_of(pins);
+    let mut hl = draw::Highlight {
+        pinned: pinned.clone(),
+        ..Default::default()
+    };
+    match hover {
+        Hover::Node(i) => {
+            hl.hovered_node = Some(i);
+            hl.focus = vec![i];
+            // Hovering a pinned node highlights the edges of every node of its component.
+            if pinned.contains(&i) {
+                hl.focus = s.nodes_of(&[s.component[i].clone()]);
+            }
+        }
+        Hover::Edge(e) => hl.hovered_edge = Some(e),
+        Hover::None => {}
+    }
+    let probs: std::collections::HashMap<&str, f32> =
+        g.outputs.iter().map(|o| (o.key.as_str(), o.prob)).collect();
+    let prob = |i: usize| probs.get(g.nodes[i].key.as_str()).copied();
+    let drawn = draw::draw(&ctx2d, (w, h), g, s, l, vp, &hl, &prob);
+    let _ = el.set_attribute("data-drawn", &drawn.to_string());
+    let _ = el.set_attribute("data-nodes", &g.nodes.len().to_string());
+    // Screen positions of a few component nodes, for end-to-end tests to hover and click.
+    let probe: Vec<String> = (0..g.nodes.len())
+        .filter(|&i| !g.nodes[i].key.starts_with("wte:") && !g.nodes[i].key.starts_with("output:"))
+        .filter_map(|i| {
+            let p = vp.to_screen(l.points[i]?);
+            (p.x >= 0.0 && p.y >= 0.0 && p.x <= w && p.y <= h)
+                .then(|| format!("[\"{}\",{:.1},{:.1}]", g.nodes[i].key, p.x, p.y))
+        })
+        .take(20)
+        .collect();
+    let _ = el.set_attribute("data-probe", &format!("[{}]", probe.join(",")));
+}
+
+#[cfg(not(feature = "hydrate"))]
+fn paint<A, B, C, D>(_: &A, _: &B, _: &C, _: &D, _: Viewport, _: Hover, _: &[String]) {}

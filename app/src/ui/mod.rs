@@ -1,0 +1,7 @@
+//! The page's components. State lives in one place, [`page::Ctx`]; the pieces read and write it.
+
+mod card;
+mod graph_view;
+pub mod page;
+mod pins;
+mod sidebar;

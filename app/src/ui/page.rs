@@ -1,0 +1,412 @@
+//! The explorer page: its state, the loading of graphs (with progress), and the URL and keyboard
+//! bindings. Graphs load in the browser after hydration, so the page never waits on the server.
+
+use std::collections::HashMap;
+
+use leptos::prelude::*;
+
+use super::{graph_view::GraphView, pins::PinsPanel, sidebar::Sidebar};
+use crate::api::{get_component, get_graph, get_meta};
+use crate::canvas::layout::Layout;
+use crate::canvas::scene::Scene;
+use crate::state::ViewState;
+use crate::types::{ComponentInfo, GraphData, Meta};
+
+/// Where the current graph request stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Load {
+    Idle,
+    Loading { done: usize, total: usize },
+    Failed(String),
+}
+
+/// What the pointer is over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Hover {
+    None,
+    Node(usize),
+    Edge(usize),
+}
+
+/// The page state, shared through context. Every field is a cheap `Copy` handle.
+#[derive(Clone, Copy)]
+pub struct Ctx {
+    pub view: RwSignal<ViewState>,
+    pub graph: RwSignal<Option<GraphData>>,
+    pub load: RwSignal<Load>,
+    pub hover: RwSignal<Hover>,
+    /// Pointer position over the canvas (CSS pixels), for placing the hover card.
+    pub pointer: RwSignal<(f64, f64)>,
+    pub meta: RwSignal<Option<Meta>>,
+    /// Component details fetched for hover cards and pins, by `"layer:c"`.
+    pub infos: RwSignal<HashMap<String, ComponentInfo>>,
+    /// CSS width of the canvas.
+    pub width: RwSignal<f64>,
+    pub scene: Memo<Option<Scene>>,
+    pub layout: Memo<Option<Layout>>,
+    /// Bumped to ask for the current graph again (retry).
+    pub reload: RwSignal<u32>,
+    pub search_box: NodeRef<leptos::html::Input>,
+}
+
+impl Ctx {
+    /// Fetches a component's details once.
+    pub fn want_info(&self, key: &str) {
+        if self.infos.with_untracked(|m| m.contains_key(key)) {
+            return;
+        }
+        let (infos, key) = (self.infos, key.to_owned());
+        // Placeholder so concurrent hovers do not fetch twice.
+        infos.update(|m| {
+            m.insert(
+                key.clone(),
+                ComponentInfo {
+                    key: key.clone(),
+                    ..ComponentInfo::default()
+                },
+            );
+        });
+        leptos::task::spawn_local(async move {
+            if let Ok(info) = get_component(key.clone()).await {
+                infos.update(|m| {
+                    m.insert(key, info);
+                });
+            }
+        });
+    }
+
+    pub fn toggle_pin(&self, component: &str) {
+        self.view.update(|v| {
+            if let Some(i) = v.pins.iter().position(|p| p == component) {
+                v.pins.remove(i);
+            } else {
+                v.pins.push(component.to_owned());
+            }
+        });
+        self.want_info(component);
+    }
+}
+
+#[component]
+pub fn GraphPage() -> impl IntoView {
+    let view = RwSignal::new(ViewState::default());
+    let graph: RwSignal<Option<GraphData>> = RwSignal::new(None);
+    let width = RwSignal::new(900.0);
+    let scene = Memo::new(move |_| {
+        let top_k = view.with(|v| v.top_k);
+        graph.with(|g| g.as_ref().map(|g| Scene::new(g, top_k)))
+    });
+    let layout = Memo::new(move |_| {
+        let mode = view.with(|v| v.layout);
+        let w = width.get();
+        graph.with(|g| g.as_ref().map(|g| Layout::new(g, w, mode, 0)))
+    });
+    let ctx = Ctx {
+        view,
+        graph,
+        load: RwSignal::new(Load::Idle),
+        hover: RwSignal::new(Hover::None),
+        pointer: RwSignal::new((0.0, 0.0)),
+        meta: RwSignal::new(None),
+        infos: RwSignal::new(HashMap::new()),
+        width,
+        scene,
+        layout,
+        reload: RwSignal::new(0),
+        search_box: NodeRef::new(),
+    };
+    provide_context(ctx);
+
+    // Runs once in the browser: the URL's view, the run's meta, then graphs as the view asks.
+    let ready = RwSignal::new(false);
+    Effect::new(move || {
+        if ready.get_untracked() {
+            return;
+        }
+        #[cfg(feature = "hydrate")]
+        {
+            if let Ok(search) = window().location().search() {
+                let from_url = ViewState::from_query(&search);
+                for pin in &from_url.pins {
+                    ctx.want_info(pin);
+                }
+                view.set(from_url);
+            }
+            if let Some(body) = document().body() {
+                let _ = body.set_attribute("data-hydrated", "true");
+            }
+        }
+        ready.set(true);
+        leptos::task::spawn_local(async move {
+            match get_meta().await {
+                Ok(m) => ctx.meta.set(Some(m)),
+                Err(e) => ctx
+                    .load
+                    .set(Load::Failed(format!("cannot reach the server: {e}"))),
+            }
+        });
+    });
+
+    // The graph follows the prompt and the server-side parameters; a newer request wins.
+    let generation = StoredValue::new(0u64);
+    Effect::new(move || {
+        if !ready.get() {
+            return;
+        }
+        ctx.reload.track();
+        let (prompt, params) = view.with(|v| (v.prompt.clone(), v.params));
+        generation.update_value(|g| *g += 1);
+        let mine = generation.get_value();
+        ctx.load.set(Load::Loading { done: 0, total: 0 });
+        ctx.hover.set(Hover::None);
+        let ticket = new_ticket();
+        let progress = watch_progress(ticket, ctx.load, generation, mine);
+        leptos::task::spawn_local(async move {
+            let result = get_graph(prompt, params, Some(ticket)).await;
+            drop(progress);
+            if generation.get_value() != mine {
+                return;
+            }
+            match result {
+                Ok(g) => {
+                    graph.set(Some(g));
+                    ctx.load.set(Load::Idle);
+                }
+                Err(e) => ctx.load.set(Load::Failed(server_message(&e))),
+            }
+        });
+    });
+
+    // The URL mirrors the view (replacing, not pushing, so Back leaves the page as expected).
+    Effect::new(move || {
+        let query = view.with(ViewState::to_query);
+        if !ready.get() {
+            return;
+        }
+        #[cfg(feature = "hydrate")]
+        if let Ok(history) = window().history() {
+            let _ = history.replace_state_with_url(
+                &wasm_bindgen::JsValue::NULL,
+                "",
+                Some(&format!("?{query}")),
+            );
+        }
+        #[cfg(not(feature = "hydrate"))]
+        let _ = query;
+    });
+
+    let _keys = window_event_listener(leptos::ev::keydown, move |ev| on_key(ctx, &ev));
+
+    view! {
+        <div class="app">
+            <header class="top">
+                <h1>"SPD local attributions"</h1>
+                <MetaLine />
+            </header>
+            <Sidebar />
+            <section class="main">
+                <StatusLine />
+                <GraphView />
+                <PinsPanel />
+            </section>
+        </div>
+    }
+}
+
+/// The message of a server function error, without the framework's prefix.
+pub fn server_message(e: &ServerFnError) -> String {
+    let s = e.to_string();
+    s.split_once(": ")
+        .filter(|(head, _)| head.contains("error"))
+        .map_or(s.clone(), |(_, rest)| rest.to_owned())
+}
+
+fn new_ticket() -> u64 {
+    #[cfg(feature = "hydrate")]
+    {
+        (js_sys::Math::random() * 9.0e15) as u64
+    }
+    #[cfg(not(feature = "hydrate"))]
+    {
+        0
+    }
+}
+
+/// Streams the server's progress for `ticket` into `load` while the request is the current one;
+/// dropping the returned guard closes the stream.
+#[cfg(feature = "hydrate")]
+fn watch_progress(
+    ticket: u64,
+    load: RwSignal<Load>,
+    generation: StoredValue<u64>,
+    mine: u64,
+) -> Option<ProgressGuard> {
+    use wasm_bindgen::prelude::*;
+    let source = web_sys::EventSource::new(&format!("/api/progress/{ticket}")).ok()?;
+    let on_message =
+        Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |ev: web_sys::MessageEvent| {
+            if generation.get_value() != mine {
+                return;
+            }
+            let Some(text) = ev.data().as_string() else {
+                return;
+            };
+            #[derive(serde::Deserialize)]
+            struct Status {
+                state: String,
+                #[serde(default)]
+                done: usize,
+                #[serde(default)]
+                total: usize,
+            }
+            if let Ok(s) = serde_json::from_str::<Status>(&text)
+                && s.state == "running"
+                && matches!(load.get_untracked(), Load::Loading { .. })
+            {
+                load.set(Load::Loading {
+                    done: s.done,
+                    total: s.total,
+                });
+            }
+        });
+    source.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    // The stream ends by itself; do not let the browser reconnect to a finished ticket.
+    let on_error = Closure::<dyn FnMut()>::new({
+        let source = source.clone();
+        move || source.close()
+    });
+    source.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+    Some(ProgressGuard {
+        source,
+        _closures: (on_message, on_error),
+    })
+}
+
+#[cfg(feature = "hydrate")]
+pub struct ProgressGuard {
+    source: web_sys::EventSource,
+    _closures: (
+        wasm_bindgen::closure::Closure<dyn FnMut(web_sys::MessageEvent)>,
+        wasm_bindgen::closure::Closure<dyn FnMut()>,
+    ),
+}
+
+#[cfg(feature = "hydrate")]
+impl Drop for ProgressGuard {
+    fn drop(&mut self) {
+        self.source.close();
+    }
+}
+
+#[cfg(not(feature = "hydrate"))]
+pub struct ProgressGuard;
+
+#[cfg(not(feature = "hydrate"))]
+fn watch_progress(_: u64, _: RwSignal<Load>, _: StoredValue<u64>, _: u64) -> Option<ProgressGuard> {
+    None
+}
+
+fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
+    let typing = ev
+        .target()
+        .and_then(|t| {
+            use leptos::wasm_bindgen::JsCast;
+            t.dyn_into::<leptos::web_sys::Element>().ok()
+        })
+        .is_some_and(|el| matches!(el.tag_name().as_str(), "INPUT" | "TEXTAREA" | "SELECT"));
+    match ev.key().as_str() {
+        "Escape" => {
+            ctx.hover.set(Hover::None);
+            ctx.view.update(|v| v.pins.clear());
+        }
+        "/" if !typing => {
+            ev.prevent_default();
+            if let Some(input) = ctx.search_box.get_untracked() {
+                let _ = input.focus();
+            }
+        }
+        "f" if !typing => ctx.view.update(|v| {
+            v.zoom = 1.0;
+            v.pan = (0.0, 0.0);
+        }),
+        _ => {}
+    }
+}
+
+#[component]
+fn MetaLine() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    move || {
+        ctx.meta.with(|m| match m {
+            None => String::new(),
+            Some(m) => format!(
+                "{} · {} blocks · {} prompts · database {}",
+                m.model_path,
+                m.n_blocks,
+                m.prompt_count,
+                human_bytes(m.db_bytes)
+            ),
+        })
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else {
+        format!("{:.0} kB", n / 1e3)
+    }
+}
+
+#[component]
+fn StatusLine() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let summary = move || {
+        let shown = ctx.scene.with(|s| s.as_ref().map_or(0, |s| s.edges.len()));
+        ctx.graph.with(|g| {
+            g.as_ref().map(|g| {
+                let what = match g.prompt_id {
+                    Some(id) => format!("Prompt {id}"),
+                    None => "Custom prompt".to_owned(),
+                };
+                let capped = if g.total_edges > g.edges.len() {
+                    format!(" (capped at {} of {})", g.edges.len(), g.total_edges)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped}",
+                    g.tokens.len(),
+                    g.nodes.len(),
+                    g.edges.len(),
+                )
+            })
+        })
+    };
+    view! {
+        <div class="status-bar">
+            <p class="status">{summary}</p>
+            {move || match ctx.load.get() {
+                Load::Idle => None,
+                Load::Loading { done, total } => Some(view! {
+                    <p class="loading">
+                        "Computing the graph… "
+                        <progress max=total.max(1) value=done></progress>
+                    </p>
+                }.into_any()),
+                Load::Failed(msg) => Some(view! {
+                    <p class="error" role="alert">
+                        <span class="error-text">{msg}</span>
+                        " "
+                        <button class="retry" on:click=move |_| ctx.reload.update(|n| *n += 1)>
+                            "Retry"
+                        </button>
+                    </p>
+                }.into_any()),
+            }}
+        </div>
+    }
+}

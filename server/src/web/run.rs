@@ -1,0 +1,362 @@
+//! The served SPD run: the model, its attribution engine and tokenizer, and the conversion of a graph
+//! into what the browser draws (filtered by mean CI, capped, normalized).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use app::api::ApiError;
+use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
+use candle_core::Device;
+
+use crate::attribution::{
+    FastEngine, Graph, Layer, PromptCi, SourceMap, Thresholds, normalize_by_target, reference_graph,
+};
+use crate::model::SpdModel;
+
+/// At most this many edges go to the browser, the strongest by |value| (as the original server).
+pub const MAX_EDGES: usize = 30_000;
+
+/// A loaded run, shared by every request.
+pub struct Run {
+    pub model: SpdModel,
+    sources: SourceMap,
+    fast: Option<FastEngine>,
+    tokenizer: Option<tokenizers::Tokenizer>,
+    pub model_path: PathBuf,
+}
+
+impl Run {
+    /// Loads the run at `path`; the tokenizer is found next to it (see [`crate::tokenizer::find_for`]).
+    pub fn load(path: &Path, device: &Device) -> Result<Self, String> {
+        let model = SpdModel::load(path, device).map_err(|e| e.to_string())?;
+        let tokenizer = match crate::tokenizer::find_for(&model) {
+            Some(p) => Some(
+                tokenizers::Tokenizer::from_file(&p)
+                    .map_err(|e| format!("{}: cannot load tokenizer: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        Self::new(model, tokenizer, path)
+    }
+
+    pub fn new(
+        model: SpdModel,
+        tokenizer: Option<tokenizers::Tokenizer>,
+        path: &Path,
+    ) -> Result<Self, String> {
+        let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
+        let fast = match FastEngine::new(&model, &sources) {
+            Ok(f) => Some(f),
+            Err(why) => {
+                tracing::warn!("{why}; graphs use the reference engine");
+                None
+            }
+        };
+        Ok(Run {
+            model,
+            sources,
+            fast,
+            tokenizer,
+            model_path: path.to_owned(),
+        })
+    }
+
+    pub fn can_tokenize(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    /// How a token reads on the page: the tokenizer's decoding of it alone, or `#id` without one.
+    pub fn token_string(&self, id: u32) -> String {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&[id], false).ok().or_else(|| t.id_to_token(id)))
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    /// The prompt as one string, for lists and text search.
+    pub fn text(&self, tokens: &[u32]) -> String {
+        match &self.tokenizer {
+            Some(t) => t.decode(tokens, false).unwrap_or_default(),
+            None => tokens
+                .iter()
+                .map(|id| format!("#{id}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    /// Token ids of typed text; refuses empty text, text without a tokenizer, and text longer than
+    /// the model's context.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        if text.trim().is_empty() {
+            return Err(ApiError::bad_request("the text is empty"));
+        }
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            ApiError::bad_request("this run has no tokenizer.json, so text cannot be tokenized")
+        })?;
+        let ids = tok
+            .encode(text, false)
+            .map_err(|e| ApiError::bad_request(format!("cannot tokenize the text: {e}")))?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            return Err(ApiError::bad_request("the text has no tokens"));
+        }
+        let n_ctx = self.model.block_size();
+        if ids.len() > n_ctx {
+            return Err(ApiError::bad_request(format!(
+                "the text is {} tokens long; the model takes at most {n_ctx}",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// The graph of `tokens` as the browser gets it. `mean_ci` gives a component's (`"layer:c"`)
+    /// mean CI over the database, for `max_mean_ci`; `progress(done, total)` reports how far the
+    /// engine has got.
+    pub fn graph(
+        &self,
+        prompt_id: Option<i64>,
+        tokens: &[u32],
+        params: GraphParams,
+        mean_ci: &dyn Fn(&str) -> Option<f64>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<GraphData, ApiError> {
+        params.check().map_err(ApiError::bad_request)?;
+        self.model
+            .check_tokens(tokens)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let th = Thresholds {
+            ci: params.ci_threshold,
+            output_prob: params.output_prob_threshold,
+        };
+        let internal = |e: crate::model::RunError| ApiError::internal(e.to_string());
+        let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
+        let graph = match &self.fast {
+            Some(f) => f.graph_with_progress(&self.model, &ci, th, progress),
+            None => reference_graph(&self.model, &self.sources, &ci, th),
+        }
+        .map_err(internal)?;
+        let strings = tokens.iter().map(|t| self.token_string(*t)).collect();
+        Ok(to_wire(
+            &self.model,
+            prompt_id,
+            strings,
+            &ci,
+            &graph,
+            params,
+            mean_ci,
+            &|id| self.token_string(id),
+        ))
+    }
+}
+
+/// The wire form of a graph: alive nodes (without components whose mean CI exceeds `max_mean_ci`),
+/// the strongest [`MAX_EDGES`] edges between them (stable sort by |value|, as the original server),
+/// then normalized per target when asked.
+#[allow(clippy::too_many_arguments)]
+pub fn to_wire(
+    model: &SpdModel,
+    prompt_id: Option<i64>,
+    tokens: Vec<String>,
+    ci: &PromptCi,
+    graph: &Graph,
+    params: GraphParams,
+    mean_ci: &dyn Fn(&str) -> Option<f64>,
+    token_str: &dyn Fn(u32) -> String,
+) -> GraphData {
+    let n = model.modules.len();
+    // Components too often on to be informative, when the user asks to hide them.
+    let mut dropped: HashSet<(Layer, u32)> = HashSet::new();
+    let mut nodes = Vec::new();
+    let mut outputs = Vec::new();
+    for layer in Layer::all(model) {
+        for (s, alive) in graph.alive[layer.index(n)].iter().enumerate() {
+            for &c in alive {
+                let key = format!("{}:{s}:{c}", layer.name(model));
+                let importance = match layer {
+                    Layer::Wte => 1.0,
+                    Layer::Module(i) => {
+                        if params.max_mean_ci < 1.0 {
+                            let comp = format!("{}:{c}", layer.name(model));
+                            if mean_ci(&comp).is_some_and(|m| m > f64::from(params.max_mean_ci)) {
+                                dropped.insert((layer, c));
+                                continue;
+                            }
+                        }
+                        ci.lower[i][s][c as usize]
+                    }
+                    Layer::Output => {
+                        let prob = graph.masked_probs[s][c as usize];
+                        outputs.push(OutputNode {
+                            key: key.clone(),
+                            token: token_str(c),
+                            prob,
+                        });
+                        prob
+                    }
+                };
+                nodes.push(Node { key, importance });
+            }
+        }
+    }
+    let mut kept: Vec<_> = graph
+        .edges
+        .iter()
+        .filter(|e| {
+            !dropped.contains(&(e.source, e.c_in)) && !dropped.contains(&(e.target, e.c_out))
+        })
+        .copied()
+        .collect();
+    // Stable, so equal magnitudes keep the engine's order (the original's).
+    kept.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+    kept.truncate(MAX_EDGES);
+    if params.normalize {
+        kept = normalize_by_target(&kept);
+    }
+    let edges = kept
+        .iter()
+        .map(|e| WireEdge {
+            src: format!("{}:{}:{}", e.source.name(model), e.s_in, e.c_in),
+            tgt: format!("{}:{}:{}", e.target.name(model), e.s_out, e.c_out),
+            val: e.value as f32,
+        })
+        .collect();
+    GraphData {
+        prompt_id,
+        tokens,
+        n_blocks: model.target.blocks.len(),
+        nodes,
+        edges,
+        total_edges: graph.edges.len(),
+        edge_cap: MAX_EDGES,
+        params,
+        outputs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_shared")
+    }
+
+    fn prompt0() -> Vec<u32> {
+        let text = std::fs::read_to_string(fixture().join("prompts.json")).unwrap();
+        let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).unwrap();
+        prompts[0].clone()
+    }
+
+    #[test]
+    fn wire_graph_is_capped_sorted_and_consistent() {
+        let run = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let params = GraphParams {
+            normalize: false,
+            ..GraphParams::default()
+        };
+        let g = run
+            .graph(Some(1), &prompt0(), params, &|_| None, &|_, _| {})
+            .unwrap();
+        assert_eq!(g.tokens.len(), 8);
+        assert_eq!(g.n_blocks, 2);
+        assert_eq!(g.total_edges, g.edges.len());
+        let keys: HashSet<_> = g.nodes.iter().map(|n| n.key.as_str()).collect();
+        assert!(!g.edges.is_empty());
+        for e in &g.edges {
+            assert!(keys.contains(e.src.as_str()) && keys.contains(e.tgt.as_str()));
+        }
+        assert!(g.edges.windows(2).all(|w| w[0].val.abs() >= w[1].val.abs()));
+        // Every output node has its probability, and it is at or above the threshold.
+        let n_out = g
+            .nodes
+            .iter()
+            .filter(|n| n.key.starts_with("output:"))
+            .count();
+        assert_eq!(n_out, g.outputs.len());
+        assert!(g.outputs.iter().all(|o| o.prob >= 0.05));
+    }
+
+    #[test]
+    fn normalized_edges_sum_to_one_per_target() {
+        let run = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let g = run
+            .graph(
+                None,
+                &prompt0(),
+                GraphParams::default(),
+                &|_| None,
+                &|_, _| {},
+            )
+            .unwrap();
+        let mut sums: std::collections::HashMap<&str, f64> = Default::default();
+        for e in &g.edges {
+            *sums.entry(e.tgt.as_str()).or_default() += f64::from(e.val.abs());
+        }
+        for (tgt, s) in sums {
+            assert!((s - 1.0).abs() < 1e-4 || s == 0.0, "{tgt}: {s}");
+        }
+    }
+
+    #[test]
+    fn max_mean_ci_drops_frequent_components_and_their_edges() {
+        let run = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let all = run
+            .graph(
+                None,
+                &prompt0(),
+                GraphParams::default(),
+                &|_| None,
+                &|_, _| {},
+            )
+            .unwrap();
+        // Pretend every c_fc component of block 0 is on half the time.
+        let mean = |k: &str| k.starts_with("h.0.mlp.c_fc:").then_some(0.5);
+        let params = GraphParams {
+            max_mean_ci: 0.4,
+            ..GraphParams::default()
+        };
+        let some = run
+            .graph(None, &prompt0(), params, &mean, &|_, _| {})
+            .unwrap();
+        let is_fc = |k: &str| k.starts_with("h.0.mlp.c_fc:");
+        assert!(all.nodes.iter().any(|n| is_fc(&n.key)));
+        assert!(!some.nodes.iter().any(|n| is_fc(&n.key)));
+        assert!(!some.edges.iter().any(|e| is_fc(&e.src) || is_fc(&e.tgt)));
+        assert!(some.edges.len() < all.edges.len());
+        assert_eq!(
+            some.nodes.len(),
+            all.nodes.len() - all.nodes.iter().filter(|n| is_fc(&n.key)).count()
+        );
+    }
+
+    #[test]
+    fn bad_parameters_and_tokens_are_refused() {
+        let run = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let bad = GraphParams {
+            output_prob_threshold: 2.0,
+            ..GraphParams::default()
+        };
+        let err = run
+            .graph(None, &prompt0(), bad, &|_| None, &|_, _| {})
+            .unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(err.message.contains("output_prob_threshold"), "{err}");
+        let err = run
+            .graph(
+                None,
+                &[5, 100_000],
+                GraphParams::default(),
+                &|_| None,
+                &|_, _| {},
+            )
+            .unwrap_err();
+        assert_eq!(err.status, 400, "{err}");
+        assert!(
+            run.tokenize("hello").is_err(),
+            "the fixture has no tokenizer"
+        );
+    }
+}

@@ -1,0 +1,479 @@
+//! The explorer service: everything the page's server functions and the original-compatible HTTP
+//! API answer, over one loaded run and one read-only database.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use app::api::{ApiError, Explorer, GraphFuture};
+use app::types::{
+    ComponentInfo, ComponentMatch, ContextSnippet, GraphData, GraphParams, Meta, PromptPage,
+    PromptRef, PromptSummary, SearchHit, SearchResults,
+};
+use rusqlite::Connection;
+
+use super::jobs::GraphJobs;
+use super::run::Run;
+use crate::store::queries;
+
+/// Longest page of prompts or search results one request returns.
+pub const MAX_PAGE: usize = 10_000;
+/// A text search reads at most this many prompts per request, then says where to go on.
+const SCAN_LIMIT: usize = 100_000;
+
+/// Where stored prompts come from.
+pub enum Prompts {
+    /// A list (e.g. a run's `prompts.json`); ids are indexes from 0.
+    List(Vec<Vec<u32>>),
+    /// A database written by `generate` or the original tool; ids are `prompts.id`.
+    Db {
+        conn: Mutex<Connection>,
+        path: PathBuf,
+    },
+}
+
+impl Prompts {
+    /// Opens `path` read-only.
+    pub fn open_db(path: &Path) -> Result<Self, String> {
+        let conn = crate::store::schema::open_read_only(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Prompts::Db {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Reads prompts from a JSON file of token-id arrays (such as a run's `prompts.json`).
+    pub fn read_list(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map(Prompts::List)
+            .map_err(|e| format!("{}: expected JSON arrays of token ids: {e}", path.display()))
+    }
+}
+
+/// A graph request as the cache and the worker know it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GraphKey {
+    prompt: PromptRef,
+    /// `GraphParams` with floats as bits, so equal requests hash equally.
+    params: [u32; 3],
+    normalize: bool,
+}
+
+impl GraphKey {
+    fn new(prompt: PromptRef, p: GraphParams) -> Self {
+        GraphKey {
+            prompt,
+            params: [
+                p.ci_threshold.to_bits(),
+                p.output_prob_threshold.to_bits(),
+                p.max_mean_ci.to_bits(),
+            ],
+            normalize: p.normalize,
+        }
+    }
+
+    fn params(&self) -> GraphParams {
+        GraphParams {
+            ci_threshold: f32::from_bits(self.params[0]),
+            output_prob_threshold: f32::from_bits(self.params[1]),
+            max_mean_ci: f32::from_bits(self.params[2]),
+            normalize: self.normalize,
+        }
+    }
+}
+
+/// The run, the prompts, and the graph worker.
+#[derive(Clone)]
+pub struct Service {
+    data: Arc<Data>,
+    jobs: GraphJobs<GraphKey>,
+}
+
+/// What both request handlers and the graph worker read.
+pub struct Data {
+    pub run: Run,
+    pub prompts: Prompts,
+    /// Mean CI per component key (`"layer:c"`), read from the database on first use.
+    mean_ci: OnceLock<HashMap<String, f64>>,
+}
+
+impl Service {
+    pub fn new(run: Run, prompts: Prompts) -> Self {
+        let data = Arc::new(Data {
+            run,
+            prompts,
+            mean_ci: OnceLock::new(),
+        });
+        let worker_data = Arc::clone(&data);
+        let jobs = GraphJobs::start(Arc::new(
+            move |key: &GraphKey, progress: &dyn Fn(usize, usize)| {
+                worker_data.compute(key, progress)
+            },
+        ));
+        Service { data, jobs }
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// The graph of `prompt`, shared with identical requests and cached.
+    pub async fn graph_of(
+        &self,
+        prompt: PromptRef,
+        params: GraphParams,
+        ticket: Option<u64>,
+    ) -> Result<Arc<GraphData>, ApiError> {
+        params.check().map_err(ApiError::bad_request)?;
+        if let PromptRef::Text(text) = &prompt {
+            // Refuse bad text now, not after waiting in the queue.
+            self.data.run.tokenize(text)?;
+        }
+        self.jobs.get(GraphKey::new(prompt, params), ticket).await
+    }
+
+    /// Progress of the computation named `ticket`.
+    pub fn progress(
+        &self,
+        ticket: u64,
+    ) -> Option<
+        tokio::sync::watch::Receiver<(
+            super::jobs::Status,
+            Option<Result<Arc<GraphData>, ApiError>>,
+        )>,
+    > {
+        self.jobs.watch(ticket)
+    }
+}
+
+impl Data {
+    fn compute(
+        &self,
+        key: &GraphKey,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<GraphData, ApiError> {
+        let (id, tokens) = match &key.prompt {
+            PromptRef::Stored(id) => (Some(*id), self.prompt_tokens(*id)?),
+            PromptRef::Text(text) => (None, self.run.tokenize(text)?),
+        };
+        let params = key.params();
+        let means = if params.max_mean_ci < 1.0 {
+            Some(self.mean_ci())
+        } else {
+            None
+        };
+        let mean = |k: &str| means.and_then(|m| m.get(k).copied());
+        self.run.graph(id, &tokens, params, &mean, progress)
+    }
+
+    fn db(&self) -> Result<std::sync::MutexGuard<'_, Connection>, ApiError> {
+        match &self.prompts {
+            Prompts::Db { conn, .. } => Ok(conn.lock().unwrap_or_else(|e| e.into_inner())),
+            Prompts::List(_) => Err(ApiError::bad_request(
+                "the server was started without a database (--db), so it cannot search components",
+            )),
+        }
+    }
+
+    /// Token ids of stored prompt `id`; 404 when there is none.
+    pub fn prompt_tokens(&self, id: i64) -> Result<Vec<u32>, ApiError> {
+        let found = match &self.prompts {
+            Prompts::List(list) => usize::try_from(id).ok().and_then(|i| list.get(i).cloned()),
+            Prompts::Db { .. } => queries::prompt(&*self.db()?, id)
+                .map_err(store_error)?
+                .map(|p| p.token_ids),
+        };
+        found.ok_or_else(|| ApiError::not_found(format!("Prompt {id} not found")))
+    }
+
+    fn summary(&self, id: i64, tokens: &[u32]) -> PromptSummary {
+        PromptSummary {
+            id,
+            text: self.run.text(tokens),
+            n_tokens: tokens.len(),
+        }
+    }
+
+    /// Mean CI of every component the database has activation contexts for.
+    pub fn mean_ci(&self) -> &HashMap<String, f64> {
+        self.mean_ci.get_or_init(|| match self.db() {
+            Ok(conn) => read_mean_ci(&conn).unwrap_or_else(|e| {
+                tracing::warn!("cannot read mean CIs from the database: {e}");
+                HashMap::new()
+            }),
+            Err(_) => HashMap::new(),
+        })
+    }
+
+    /// Checks a component key `"layer:c"` against the model: a decomposed module with `c < C`,
+    /// `wte:0`, or `output:v` with `v` in the vocabulary.
+    pub fn check_component(&self, key: &str) -> Result<(), ApiError> {
+        let bad = || {
+            ApiError::bad_request(format!(
+                "unknown component key {key:?}: expected \"layer:c\" with a layer of this model"
+            ))
+        };
+        let (layer, c) = key.rsplit_once(':').ok_or_else(bad)?;
+        let c: usize = c.parse().map_err(|_| bad())?;
+        let model = &self.run.model;
+        let ok = match layer {
+            "wte" => c == 0,
+            "output" => c < model.vocab_size(),
+            _ => model.modules.iter().any(|m| m.name == layer) && c < model.c(),
+        };
+        if ok { Ok(()) } else { Err(bad()) }
+    }
+
+    /// The prompts of a database, for the original API's `/api/prompts`.
+    pub fn all_prompts(&self) -> Result<Vec<(i64, Vec<u32>)>, ApiError> {
+        match &self.prompts {
+            Prompts::List(list) => Ok(list
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i as i64, t.clone()))
+                .collect()),
+            Prompts::Db { .. } => {
+                let conn = self.db()?;
+                let mut out = Vec::new();
+                let mut after = 0;
+                loop {
+                    let page = queries::list_prompts(&conn, after, 10_000).map_err(store_error)?;
+                    let Some(last) = page.last() else { break };
+                    after = last.id;
+                    out.extend(page.into_iter().map(|p| (p.id, p.token_ids)));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The `activation_contexts` meta value as stored (the original tool's layout).
+    pub fn activation_contexts(&self) -> Result<Option<serde_json::Value>, ApiError> {
+        let conn = self.db()?;
+        queries::meta(&conn, crate::store::meta::ACTIVATION_CONTEXTS).map_err(store_error)
+    }
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    ApiError::internal(format!("database: {e}"))
+}
+
+/// Mean CIs from `generate`'s accumulators, or from the `activation_contexts` meta of a database
+/// written by the original tool.
+fn read_mean_ci(conn: &Connection) -> Result<HashMap<String, f64>, crate::store::StoreError> {
+    let mut out = HashMap::new();
+    if crate::store::schema::has_table(conn, "context_modules")? {
+        let (_, n_tokens) = crate::store::contexts::read_state(conn)?;
+        for m in crate::store::contexts::read_module_sums(conn)? {
+            for (c, s) in m.sum_ci.iter().enumerate() {
+                out.insert(format!("{}:{c}", m.module), s / n_tokens.max(1) as f64);
+            }
+        }
+        return Ok(out);
+    }
+    if let Some(serde_json::Value::Object(layers)) =
+        queries::meta(conn, crate::store::meta::ACTIVATION_CONTEXTS)?
+    {
+        for (layer, comps) in layers {
+            for comp in comps.as_array().into_iter().flatten() {
+                if let (Some(c), Some(m)) = (
+                    comp.get("subcomponent_idx").and_then(|v| v.as_u64()),
+                    comp.get("mean_ci").and_then(|v| v.as_f64()),
+                ) {
+                    out.insert(format!("{layer}:{c}"), m);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn page_limit(limit: usize) -> Result<usize, ApiError> {
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {limit}"
+        )));
+    }
+    Ok(limit)
+}
+
+impl Explorer for Service {
+    fn meta(&self) -> Result<Meta, ApiError> {
+        let d = &self.data;
+        let (prompt_count, db_bytes, has_contexts) = match &d.prompts {
+            Prompts::List(list) => (list.len() as u64, 0, false),
+            Prompts::Db { path, .. } => {
+                let conn = d.db()?;
+                let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                let wal = PathBuf::from(format!("{}-wal", path.display()));
+                (
+                    queries::prompt_count(&conn).map_err(store_error)?,
+                    size(path) + size(&wal),
+                    crate::store::schema::has_table(&conn, "context_modules")
+                        .map_err(store_error)?,
+                )
+            }
+        };
+        Ok(Meta {
+            model_path: d.run.model_path.display().to_string(),
+            n_blocks: d.run.model.target.blocks.len(),
+            n_ctx: d.run.model.block_size(),
+            prompt_count,
+            db_bytes,
+            has_contexts,
+            can_tokenize: d.run.can_tokenize(),
+        })
+    }
+
+    fn prompts(
+        &self,
+        query: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<PromptPage, ApiError> {
+        let limit = page_limit(limit)?;
+        let d = &self.data;
+        let needle = query.trim().to_lowercase();
+        let matches = |text: &str| needle.is_empty() || text.to_lowercase().contains(&needle);
+        let mut prompts = Vec::new();
+        let mut scanned = 0;
+        let mut cursor = after.unwrap_or(-1);
+        let next_after = match &d.prompts {
+            Prompts::List(list) => {
+                let start = usize::try_from(cursor + 1).unwrap_or(0);
+                let mut next = None;
+                for (i, tokens) in list.iter().enumerate().skip(start) {
+                    let s = d.summary(i as i64, tokens);
+                    if matches(&s.text) {
+                        prompts.push(s);
+                    }
+                    if prompts.len() == limit {
+                        next = (i + 1 < list.len()).then_some(i as i64);
+                        break;
+                    }
+                }
+                next
+            }
+            Prompts::Db { .. } => {
+                let conn = d.db()?;
+                loop {
+                    let chunk = if needle.is_empty() { limit } else { 1000 };
+                    let page =
+                        queries::list_prompts(&conn, cursor.max(0), chunk).map_err(store_error)?;
+                    if page.is_empty() {
+                        break None;
+                    }
+                    let mut full = false;
+                    for p in &page {
+                        cursor = p.id;
+                        scanned += 1;
+                        let s = d.summary(p.id, &p.token_ids);
+                        if matches(&s.text) {
+                            prompts.push(s);
+                        }
+                        if prompts.len() == limit {
+                            full = true;
+                            break;
+                        }
+                    }
+                    if full || scanned >= SCAN_LIMIT {
+                        break Some(cursor);
+                    }
+                    if page.len() < chunk {
+                        break None;
+                    }
+                }
+            }
+        };
+        Ok(PromptPage {
+            prompts,
+            next_after,
+        })
+    }
+
+    fn graph(&self, prompt: PromptRef, params: GraphParams, ticket: Option<u64>) -> GraphFuture {
+        // The future owns what it uses: the service is two `Arc`s.
+        let this = self.clone();
+        Box::pin(async move { this.graph_of(prompt, params, ticket).await })
+    }
+
+    fn search(&self, keys: &[String], all: bool, limit: usize) -> Result<SearchResults, ApiError> {
+        let limit = page_limit(limit)?;
+        let d = &self.data;
+        if keys.is_empty() {
+            return Err(ApiError::bad_request("No components specified"));
+        }
+        for k in keys {
+            d.check_component(k)?;
+        }
+        let conn = d.db()?;
+        let search = queries::Search {
+            keys: keys.to_vec(),
+            mode: if all {
+                queries::Match::All
+            } else {
+                queries::Match::Any
+            },
+            order: queries::Order::ScoreDesc,
+            offset: 0,
+            limit,
+        };
+        let found = queries::search_prompts(&conn, &search).map_err(store_error)?;
+        Ok(SearchResults {
+            total: found.total,
+            hits: found
+                .hits
+                .into_iter()
+                .map(|h| SearchHit {
+                    prompt: d.summary(h.prompt_id, &h.token_ids),
+                    score: h.score,
+                    matches: h
+                        .matches
+                        .into_iter()
+                        .map(|a| ComponentMatch {
+                            key: a.key,
+                            max_ci: a.max_ci,
+                            positions: a.positions,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    fn component(&self, key: &str) -> Result<ComponentInfo, ApiError> {
+        let d = &self.data;
+        d.check_component(key)?;
+        let mut info = ComponentInfo {
+            key: key.to_owned(),
+            ..ComponentInfo::default()
+        };
+        let Prompts::Db { .. } = &d.prompts else {
+            return Ok(info);
+        };
+        let mean = d.mean_ci().get(key).copied();
+        let conn = d.db()?;
+        info.n_prompts = queries::component_stats(&conn, key)
+            .map_err(store_error)?
+            .n_prompts;
+        match queries::component_contexts(&conn, key).map_err(store_error)? {
+            Some(ctx) => {
+                info.mean_ci = Some(ctx.mean_ci);
+                info.density = Some(ctx.density);
+                info.examples = ctx
+                    .examples
+                    .iter()
+                    .map(|e| ContextSnippet {
+                        tokens: e.tokens.iter().map(|&t| d.run.token_string(t)).collect(),
+                        ci: e.ci.clone(),
+                        active: e.active as usize,
+                    })
+                    .collect();
+            }
+            None => info.mean_ci = mean,
+        }
+        Ok(info)
+    }
+}

@@ -1,0 +1,424 @@
+//! The server's two front doors over a real run and database: the page's server functions and the
+//! original tool's HTTP API, with every bad input answered by a 4xx and a JSON error.
+
+mod generate_support;
+
+use std::sync::OnceLock;
+
+use app::api::{GetComponent as ComponentInfoFn, GetGraph, GetMeta, ListPrompts, SearchComponents};
+use app::types::{
+    ComponentInfo, GraphData, GraphParams, Meta, PromptPage, PromptRef, SearchResults,
+};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use generate_support as gs;
+use http_body_util::BodyExt;
+use leptos::config::LeptosOptions;
+use leptos::server_fn::ServerFn;
+use serde_json::{Value, json};
+use server::web::{AppState, Prompts, Run, Service, router};
+use tower::ServiceExt;
+
+/// The fixture run with a tokenizer next to it, and a database of 60 small documents.
+struct Site {
+    _dir: tempfile::TempDir,
+    service: Service,
+}
+
+fn site() -> &'static Site {
+    static SITE: OnceLock<Site> = OnceLock::new();
+    SITE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        copy_dir(&gs::fixture_dir("tiny_shared"), &run_dir);
+        let tok = gs::write_tokenizer(&run_dir);
+        let corpus = dir.path().join("corpus.jsonl");
+        gs::write_jsonl(&corpus, &gs::documents(60, 7), "story");
+        let db = dir.path().join("index.db");
+        let mut cfg = gs::config(&run_dir, &db, gs::corpus_input(&corpus, &tok));
+        cfg.thresholds.ci = 0.1;
+        server::generate::run(&cfg).unwrap();
+        let run = Run::load(&run_dir, &candle_core::Device::Cpu).unwrap();
+        let service = Service::new(run, Prompts::open_db(&db).unwrap());
+        Site { _dir: dir, service }
+    })
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn app() -> Router {
+    let options = LeptosOptions::builder().output_name("spd-explorer").build();
+    router(AppState::new(options, site().service.clone()))
+}
+
+async fn send(req: Request<Body>) -> (StatusCode, String) {
+    let res = app().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn get(path: &str) -> (StatusCode, Value) {
+    let (status, body) = send(Request::get(path).body(Body::empty()).unwrap()).await;
+    let json = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: not JSON: {body}"));
+    (status, json)
+}
+
+/// Calls a server function with JSON arguments.
+async fn call(path: &str, args: Value) -> (StatusCode, String) {
+    let req = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json")
+        .body(Body::from(args.to_string()))
+        .unwrap();
+    send(req).await
+}
+
+async fn call_ok<T: serde::de::DeserializeOwned>(path: &str, args: Value) -> T {
+    let (status, body) = call(path, args).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// A component alive in prompt 1 (a c_fc one), as `layer:c`.
+async fn some_component() -> String {
+    let (_, p) = get("/api/prompt/1?ci_threshold=0.1").await;
+    let edge = p["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["tgt"].as_str().unwrap().contains("mlp.c_fc"))
+        .expect("an edge into c_fc")
+        .clone();
+    let tgt = edge["tgt"].as_str().unwrap();
+    let mut parts = tgt.rsplitn(3, ':');
+    let c = parts.next().unwrap();
+    let _seq = parts.next().unwrap();
+    format!("{}:{c}", parts.next().unwrap())
+}
+
+#[tokio::test]
+async fn index_page_renders_the_app_shell() {
+    let (status, html) = send(Request::get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("<canvas"), "{html}");
+    assert!(html.contains("/pkg/spd-explorer.js"), "{html}");
+}
+
+#[tokio::test]
+async fn responses_are_gzipped_when_asked() {
+    let req = Request::get("/api/meta")
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .body(Body::empty())
+        .unwrap();
+    let res = app().oneshot(req).await.unwrap();
+    assert_eq!(res.headers()[header::CONTENT_ENCODING], "gzip");
+}
+
+#[tokio::test]
+async fn original_meta_prompts_and_prompt_shapes() {
+    let (status, meta) = get("/api/meta").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(meta["n_blocks"], 2);
+    let count = meta["prompt_count"].as_u64().unwrap();
+    assert!(count > 10, "{meta}");
+    assert!(meta["wandb_path"].as_str().unwrap().ends_with("run"));
+
+    let (status, prompts) = get("/api/prompts").await;
+    assert_eq!(status, StatusCode::OK);
+    let prompts = prompts.as_array().unwrap();
+    assert_eq!(prompts.len() as u64, count);
+    assert_eq!(prompts[0]["id"], 1);
+    assert_eq!(prompts[0]["tokens"].as_array().unwrap().len(), 16);
+    assert!(prompts[0]["preview"].as_str().unwrap().ends_with("..."));
+
+    let (status, p) = get("/api/prompt/1").await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    assert_eq!(p["id"], 1);
+    assert_eq!(p["tokens"], prompts[0]["tokens"]);
+    let edges = p["edges"].as_array().unwrap();
+    assert!(!edges.is_empty());
+    for e in edges.iter().take(20) {
+        assert!(e["src"].is_string() && e["tgt"].is_string() && e["val"].is_number());
+    }
+    // Normalized by default: incoming |values| of a node sum to 1.
+    let tgt = edges[0]["tgt"].as_str().unwrap();
+    let sum: f64 = edges
+        .iter()
+        .filter(|e| e["tgt"] == tgt)
+        .map(|e| e["val"].as_f64().unwrap().abs())
+        .sum();
+    assert!((sum - 1.0).abs() < 1e-3, "{sum}");
+    for (key, out) in p["outputProbs"].as_object().unwrap() {
+        assert!(key.split(':').count() == 2, "{key}");
+        assert!(out["prob"].as_f64().unwrap() >= 0.01 && out["token"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn original_search_and_activation_contexts() {
+    let key = some_component().await;
+    let (status, found) = get(&format!("/api/search?components={key},wte:0&mode=all")).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["query"]["mode"], "all");
+    assert_eq!(found["query"]["components"], json!([key.clone(), "wte:0"]));
+    let count = found["count"].as_u64().unwrap();
+    assert!(count >= 1);
+    let ids: Vec<u64> = found["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&1), "{found}");
+    let (_, any) = get(&format!("/api/search?components={key}&mode=any")).await;
+    assert_eq!(any["count"].as_u64().unwrap(), count);
+
+    let (status, all) = get("/api/activation_contexts").await;
+    assert_eq!(status, StatusCode::OK);
+    let (layer, c) = key.rsplit_once(':').unwrap();
+    assert!(all[layer].is_array());
+    let (status, summary) = get("/api/activation_contexts/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(summary[layer][0]["mean_ci"].is_number());
+    let (status, detail) = get(&format!("/api/activation_contexts/{layer}/{c}")).await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    assert_eq!(detail["subcomponent_idx"].as_u64().unwrap().to_string(), c);
+}
+
+#[tokio::test]
+async fn every_bad_input_is_a_4xx_with_a_json_error() {
+    let cases = [
+        ("/api/prompt/999999", StatusCode::NOT_FOUND, "not found"),
+        ("/api/prompt/abc", StatusCode::BAD_REQUEST, "integer"),
+        (
+            "/api/prompt/1?ci_threshold=-1",
+            StatusCode::BAD_REQUEST,
+            "ci_threshold",
+        ),
+        (
+            "/api/prompt/1?ci_threshold=x",
+            StatusCode::BAD_REQUEST,
+            "ci_threshold",
+        ),
+        (
+            "/api/prompt/1?output_prob_threshold=1.5",
+            StatusCode::BAD_REQUEST,
+            "output_prob_threshold",
+        ),
+        (
+            "/api/prompt/1?max_mean_ci=2",
+            StatusCode::BAD_REQUEST,
+            "max_mean_ci",
+        ),
+        (
+            "/api/prompt/1?normalize=maybe",
+            StatusCode::BAD_REQUEST,
+            "normalize",
+        ),
+        (
+            "/api/search?components=",
+            StatusCode::BAD_REQUEST,
+            "No components",
+        ),
+        (
+            "/api/search?components=wte:0&mode=some",
+            StatusCode::BAD_REQUEST,
+            "mode",
+        ),
+        (
+            "/api/search?components=h.9.mlp.c_fc:1",
+            StatusCode::BAD_REQUEST,
+            "unknown component",
+        ),
+        (
+            "/api/search?components=h.0.mlp.c_fc:999",
+            StatusCode::BAD_REQUEST,
+            "unknown component",
+        ),
+        (
+            "/api/search?components=nonsense",
+            StatusCode::BAD_REQUEST,
+            "unknown component",
+        ),
+        (
+            "/api/activation_contexts/h.0.mlp.c_fc/x",
+            StatusCode::BAD_REQUEST,
+            "integer",
+        ),
+        (
+            "/api/activation_contexts/h.7.mlp.c_fc/1",
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        ("/api/progress/x", StatusCode::BAD_REQUEST, "ticket"),
+        ("/api/nope", StatusCode::NOT_FOUND, "no such"),
+    ];
+    for (path, status, words) in cases {
+        let (got, body) = get(path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let msg = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: {body}"));
+        assert!(
+            msg.to_lowercase().contains(&words.to_lowercase()),
+            "{path}: {msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn server_functions_answer_the_page() {
+    let meta: Meta = call_ok(GetMeta::PATH, json!({})).await;
+    assert_eq!(meta.n_blocks, 2);
+    assert!(meta.has_contexts && meta.can_tokenize);
+    assert!(meta.db_bytes > 0);
+
+    let page: PromptPage = call_ok(
+        ListPrompts::PATH,
+        json!({"query": "", "after": null, "limit": 5}),
+    )
+    .await;
+    assert_eq!(page.prompts.len(), 5);
+    assert_eq!(page.next_after, Some(5));
+    let next: PromptPage = call_ok(
+        ListPrompts::PATH,
+        json!({"query": "", "after": 5, "limit": 5}),
+    )
+    .await;
+    assert_eq!(next.prompts[0].id, 6);
+    // Text search over decoded prompts.
+    let word = page.prompts[2].text.split(' ').nth(3).unwrap().to_owned();
+    let found: PromptPage = call_ok(
+        ListPrompts::PATH,
+        json!({"query": word.to_uppercase(), "after": null, "limit": 100}),
+    )
+    .await;
+    assert!(found.prompts.iter().any(|p| p.id == 3));
+    assert!(found.prompts.iter().all(|p| p.text.contains(&word)));
+
+    let graph: GraphData = call_ok(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Stored(2), "params": GraphParams::default(), "ticket": 77}),
+    )
+    .await;
+    assert_eq!(graph.prompt_id, Some(2));
+    assert_eq!(graph.tokens.len(), 16);
+    assert!(!graph.nodes.is_empty() && !graph.edges.is_empty());
+
+    let typed: GraphData = call_ok(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Text("w5 w6 w7 w5".into()), "params": GraphParams::default(), "ticket": null}),
+    )
+    .await;
+    assert_eq!(typed.prompt_id, None);
+    assert_eq!(typed.tokens, vec!["w5", "w6", "w7", "w5"]);
+
+    let key = some_component().await;
+    let info: ComponentInfo = call_ok(ComponentInfoFn::PATH, json!({"key": key})).await;
+    assert!(info.n_prompts >= 1);
+    assert!(info.mean_ci.unwrap() > 0.0 && info.density.unwrap() > 0.0);
+    assert!(!info.examples.is_empty());
+    let ex = &info.examples[0];
+    assert_eq!(ex.tokens.len(), ex.ci.len());
+    assert!(ex.ci[ex.active] >= 0.1);
+
+    let hits: SearchResults = call_ok(
+        SearchComponents::PATH,
+        json!({"keys": [key], "all": true, "limit": 10}),
+    )
+    .await;
+    assert!(hits.total >= 1);
+    assert!(hits.hits.iter().any(|h| h.prompt.id == 1));
+    assert!(hits.hits[0].matches[0].positions.len() >= 1);
+}
+
+#[tokio::test]
+async fn server_functions_refuse_bad_input_with_4xx() {
+    let bad_graphs = [
+        (
+            json!(PromptRef::Stored(123456)),
+            GraphParams::default(),
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            json!(PromptRef::Text("   ".into())),
+            GraphParams::default(),
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            json!(PromptRef::Text(vec!["w5"; 600].join(" "))),
+            GraphParams::default(),
+            StatusCode::BAD_REQUEST,
+            "at most",
+        ),
+        (
+            json!(PromptRef::Stored(1)),
+            GraphParams {
+                ci_threshold: -0.5,
+                ..GraphParams::default()
+            },
+            StatusCode::BAD_REQUEST,
+            "ci_threshold",
+        ),
+    ];
+    for (prompt, params, status, words) in bad_graphs {
+        let (got, body) = call(
+            GetGraph::PATH,
+            json!({"prompt": prompt, "params": params, "ticket": null}),
+        )
+        .await;
+        assert_eq!(got, status, "{prompt}: {body}");
+        assert!(body.to_lowercase().contains(words), "{prompt}: {body}");
+    }
+    let (got, body) = call(
+        SearchComponents::PATH,
+        json!({"keys": ["h.0.attn.q_proj:99"], "all": true, "limit": 10}),
+    )
+    .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST, "{body}");
+    let (got, _) = call(ComponentInfoFn::PATH, json!({"key": "output:-1"})).await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+    let (got, _) = call(
+        ListPrompts::PATH,
+        json!({"query": "", "after": null, "limit": 0}),
+    )
+    .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn progress_streams_until_the_graph_is_done() {
+    let ticket = 4242u64;
+    let graph = call(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Stored(3), "params": GraphParams::default(), "ticket": ticket}),
+    );
+    let stream = async {
+        let req = Request::get(format!("/api/progress/{ticket}"))
+            .body(Body::empty())
+            .unwrap();
+        let res = app().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    };
+    let ((g_status, _), (status, events)) = tokio::join!(graph, stream);
+    assert_eq!(g_status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK);
+    assert!(events.contains(r#""state":"done""#), "{events}");
+}
