@@ -12,7 +12,7 @@ WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version 
 TEST_RUSTFLAGS := --cfg erase_components
 URL := http://127.0.0.1:3000
 
-.PHONY: setup setup-test serve test release bench
+.PHONY: setup setup-test serve test release bench demo-model
 
 setup: end2end/node_modules/.installed
 	rustup target add wasm32-unknown-unknown
@@ -44,6 +44,11 @@ export SPD_MODEL
 serve: setup
 	@echo "Serving $(if $(SPD_MODEL),$(SPD_MODEL),a placeholder graph) on $(URL) once built"
 	cargo leptos serve
+
+# Regenerates the built-in demo in server/demo (corpus, tokenizer, target GPT2Simple, SPD run) from its
+# seeds, bit for bit: about 12 minutes on two idle cores. Two matmul threads, always: results depend on it.
+demo-model:
+	RAYON_NUM_THREADS=2 RUSTFLAGS='$(TEST_RUSTFLAGS)' cargo run --release -p server --bin demo_model -- --out server/demo
 
 # Timings of the attribution engines and the CI pass (run on an idle machine).
 bench:

@@ -1,5 +1,6 @@
 //! The engine (model, CI, attribution), storage and serving for the SPD explorer.
 pub mod attribution;
+pub mod demo;
 pub mod device;
 pub mod generate;
 pub mod model;
