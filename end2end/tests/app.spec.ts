@@ -1,49 +1,191 @@
-import { test, expect, type ConsoleMessage } from '@playwright/test';
+import { test, expect, type Page, type ConsoleMessage } from '@playwright/test';
 
-test('the page hydrates and draws the graph', async ({ page }, testInfo) => {
+// These tests run against whatever run the server serves (the built-in demo by default): they read
+// node positions from the canvas's data-probe attribute and prompt texts from the picker.
+
+function watchErrors(page: Page): string[] {
   const errors: string[] = [];
   page.on('console', (msg: ConsoleMessage) => {
-    if (msg.type() === 'error') errors.push(msg.text());
+    // A failed graph request (the unknown-prompt test) logs its 404; that is expected there.
+    if (msg.type() === 'error' && !msg.text().includes('404')) errors.push(msg.text());
   });
   page.on('pageerror', (err) => errors.push(err.message));
+  return errors;
+}
 
-  await page.goto('/');
-  await expect(page).toHaveTitle('SPD local attributions');
-  await expect(page.locator('h1')).toHaveText('SPD local attributions');
-
-  // Set by an effect, which only runs once the wasm has hydrated the page.
+async function ready(page: Page, url = '/') {
+  await page.goto(url);
   await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
-  await expect(page.locator('.status')).toContainText(/Prompt 0: 8 tokens, \d+ nodes, \d+ edges/);
+  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
+}
+
+async function drawn(page: Page): Promise<number> {
+  return Number(await page.locator('canvas.graph').getAttribute('data-drawn'));
+}
+
+/** Component nodes on screen: [key, x, y] in CSS pixels of the canvas. */
+async function probe(page: Page): Promise<[string, number, number][]> {
+  return JSON.parse((await page.locator('canvas.graph').getAttribute('data-probe')) ?? '[]');
+}
+
+test('the page hydrates and draws the graph', async ({ page }, testInfo) => {
+  const errors = watchErrors(page);
+  await ready(page);
+  await expect(page).toHaveTitle('SPD local attributions');
+  await expect(page.locator('.status')).toContainText(/Prompt 1: \d+ tokens, \d+ nodes, \d+ of \d+ edges shown/);
+  expect(await drawn(page)).toBeGreaterThan(0);
 
   const canvas = page.locator('canvas.graph');
-  await expect(canvas).toHaveAttribute('data-drawn', /^[1-9]\d*$/);
-  const drawn = Number(await canvas.getAttribute('data-drawn'));
-  expect(drawn).toBeGreaterThan(0);
-
   const pixels = await canvas.evaluate((el: HTMLCanvasElement) => {
     const ctx = el.getContext('2d')!;
     const { data } = ctx.getImageData(0, 0, el.width, el.height);
-    const [r0, g0, b0] = [data[0], data[1], data[2]];
     let differing = 0;
     let blue = 0;
     let red = 0;
     for (let i = 0; i < data.length; i += 4) {
       const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
-      if (r !== r0 || g !== g0 || b !== b0) differing++;
+      if (r !== 255 || g !== 255 || b !== 255) differing++;
       if (b > r + 60 && b > g + 30) blue++;
       if (r > g + 60 && r > b + 60) red++;
     }
-    const cssWidth = el.clientWidth;
-    return { differing, blue, red, width: el.width, cssWidth, dpr: window.devicePixelRatio };
+    return { differing, blue, red, width: el.width, cssWidth: el.clientWidth, dpr: window.devicePixelRatio };
   });
   expect(pixels.differing).toBeGreaterThan(1000);
-  // Edges are coloured by sign: the graph of the served run has both.
+  // Edges are coloured by sign.
   expect(pixels.blue).toBeGreaterThan(50);
   expect(pixels.red).toBeGreaterThan(50);
   // HiDPI: the backing store is devicePixelRatio times the CSS size.
   expect(pixels.dpr).toBe(2);
   expect(Math.abs(pixels.width - pixels.cssWidth * pixels.dpr)).toBeLessThanOrEqual(2);
-
-  await page.screenshot({ path: testInfo.outputPath('page.png'), fullPage: true });
+  // The picker lists stored prompts.
+  await expect(page.locator('.prompt-item').first()).toBeVisible();
+  await page.screenshot({ path: testInfo.outputPath('graph.png'), fullPage: true });
   expect(errors).toEqual([]);
+});
+
+test('hover shows a card, click pins, and search finds prompts with the pin', async ({ page }, testInfo) => {
+  const errors = watchErrors(page);
+  await ready(page);
+  const canvas = page.locator('canvas.graph');
+  const nodes = await probe(page);
+  expect(nodes.length).toBeGreaterThan(0);
+  const [key, x, y] = nodes[0];
+  await canvas.hover({ position: { x, y } });
+  const card = page.locator('.card');
+  await expect(card).toBeVisible();
+  await expect(card).toContainText(key);
+  await expect(card).toContainText('CI');
+  await expect(card).toContainText('strongest in');
+  // Activation contexts arrive from the database.
+  await expect(card.locator('.example').first()).toBeVisible();
+  await page.screenshot({ path: testInfo.outputPath('hover.png'), fullPage: true });
+
+  await canvas.click({ position: { x, y } });
+  const component = key.replace(/:\d+:(\d+)$/, ':$1');
+  await expect(page.locator(`.pin[data-key="${component}"]`)).toBeVisible();
+  await expect(page).toHaveURL(new RegExp(`pins=${component.replace(/\./g, '\\.')}`));
+
+  await page.locator('#find-all').click();
+  await expect(page.locator('.search-count')).toContainText(/[1-9]\d* matching prompts/);
+  await expect(page.locator('.result[data-id="1"]')).toBeVisible();
+  await page.screenshot({ path: testInfo.outputPath('pinned-search.png'), fullPage: true });
+
+  // Loading another result keeps the pin.
+  const other = page.locator('.result').filter({ hasNot: page.locator('[data-id="1"]') }).last();
+  const otherId = await other.getAttribute('data-id');
+  await other.click();
+  await expect(page.locator('.status')).toContainText(`Prompt ${otherId}:`);
+  await expect(page.locator(`.pin[data-key="${component}"]`)).toBeVisible();
+  expect(errors).toEqual([]);
+});
+
+test('changing top-k changes the edge count', async ({ page }) => {
+  await ready(page);
+  const before = await drawn(page);
+  expect(before).toBeGreaterThan(20);
+  await page.locator('#top-k').fill('10');
+  await page.locator('#top-k').press('Enter');
+  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', '10');
+  await expect(page.locator('.status')).toContainText('10 of');
+  await expect(page).toHaveURL(/topk=10/);
+});
+
+test('a custom prompt produces a graph', async ({ page }, testInfo) => {
+  const errors = watchErrors(page);
+  await ready(page);
+  const text = (await page.locator('.prompt-item .ptext').nth(1).textContent()) ?? '';
+  const words = text.trim().split(/\s+/).slice(0, 8).join(' ');
+  expect(words.length).toBeGreaterThan(0);
+  await page.locator('#custom-text').fill(words);
+  await page.locator('#custom-go').click();
+  await expect(page.locator('.status')).toContainText(/Custom prompt: \d+ tokens, \d+ nodes/);
+  await expect(page).toHaveURL(/text=/);
+  expect(await drawn(page)).toBeGreaterThan(0);
+  await page.screenshot({ path: testInfo.outputPath('custom.png'), fullPage: true });
+  expect(errors).toEqual([]);
+});
+
+test('reloading the URL restores the view', async ({ page }) => {
+  await ready(page);
+  const [key] = (await probe(page))[0];
+  const component = key.replace(/:\d+:(\d+)$/, ':$1');
+  const url = `/?prompt=2&pins=${component}&topk=25&layout=importance&norm=0`;
+  await ready(page, url);
+  await page.reload();
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  await expect(page.locator('.status')).toContainText('Prompt 2:');
+  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^([0-9]|1[0-9]|2[0-5])$/);
+  await expect(page.locator('#layout')).toHaveValue('importance');
+  await expect(page.locator('#normalize')).not.toBeChecked();
+  await expect(page.locator(`.pin[data-key="${component}"]`)).toBeVisible();
+  await expect(page).toHaveURL(/prompt=2/);
+});
+
+test('an unknown prompt id shows an error with retry', async ({ page }, testInfo) => {
+  await page.goto('/?prompt=987654321');
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  const error = page.locator('.status-bar .error');
+  await expect(error).toContainText('Prompt 987654321 not found');
+  await page.screenshot({ path: testInfo.outputPath('error.png'), fullPage: true });
+  await page.locator('.retry').click();
+  await expect(error).toContainText('not found');
+  // Picking a stored prompt recovers.
+  await page.locator('.prompt-item').first().click();
+  await expect(page.locator('.status')).toContainText('Prompt 1:');
+  await expect(error).toHaveCount(0);
+});
+
+test('keyboard shortcuts: / focuses search, f fits, Esc clears pins', async ({ page }) => {
+  await ready(page);
+  await page.locator('h1').click();
+  await page.keyboard.press('/');
+  await expect(page.locator('#prompt-search')).toBeFocused();
+  await page.locator('h1').click();
+
+  const canvas = page.locator('canvas.graph');
+  const box = (await canvas.boundingBox())!;
+  await page.mouse.move(box.x + box.width / 2, box.y + 100);
+  await page.mouse.wheel(0, -400);
+  await expect(page).toHaveURL(/view=/);
+  await page.keyboard.press('f');
+  await expect(page).not.toHaveURL(/view=/);
+
+  const [, x, y] = (await probe(page))[0];
+  await canvas.click({ position: { x, y } });
+  await expect(page.locator('.pin')).toHaveCount(1);
+  await page.keyboard.press('Escape');
+  await expect(page.locator('.pin')).toHaveCount(0);
+});
+
+test('the graph exports as JSON and PNG', async ({ page }) => {
+  await ready(page);
+  const [json] = await Promise.all([page.waitForEvent('download'), page.locator('#export-json').click()]);
+  expect(json.suggestedFilename()).toBe('graph-prompt-1.json');
+  const graph = JSON.parse(await (await json.createReadStream()).toArray().then((c) => Buffer.concat(c).toString()));
+  expect(graph.prompt_id).toBe(1);
+  expect(graph.edges.length).toBeGreaterThan(0);
+  const [png] = await Promise.all([page.waitForEvent('download'), page.locator('#export-png').click()]);
+  expect(png.suggestedFilename()).toBe('graph.png');
+  const bytes = Buffer.concat(await (await png.createReadStream()).toArray());
+  expect(bytes.subarray(1, 4).toString()).toBe('PNG');
 });

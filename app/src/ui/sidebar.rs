@@ -140,7 +140,8 @@ fn Controls() -> impl IntoView {
                     id=id
                     type="number"
                     step=step
-                    prop:value=move || v.with(|s| get(s)).to_string()
+                    // Through f32, so 0.1 shows as 0.1 and not 0.10000000149.
+                    prop:value=move || (v.with(|s| get(s)) as f32).to_string()
                     on:change=move |ev| {
                         if let Ok(x) = event_target_value(&ev).parse::<f64>()
                             && ok(x)
