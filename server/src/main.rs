@@ -128,7 +128,9 @@ fn service(args: &Args) -> Result<Service, String> {
         }
     };
     tracing::info!("serving {}", model_path.display());
-    Ok(Service::new(run, prompts))
+    let service = Service::new(run, prompts);
+    service.check_database()?;
+    Ok(service)
 }
 
 #[tokio::main]

@@ -422,3 +422,18 @@ async fn progress_streams_until_the_graph_is_done() {
     assert_eq!(status, StatusCode::OK);
     assert!(events.contains(r#""state":"done""#), "{events}");
 }
+
+#[test]
+fn a_database_of_another_model_is_refused_with_a_clear_message() {
+    let site = site();
+    let Prompts::Db { path, .. } = &site.service.data().prompts else {
+        panic!("the test site has a database")
+    };
+    assert_eq!(site.service.check_database(), Ok(()));
+    // tiny_mlp has one block; the database was indexed with the two-block tiny_shared.
+    let run = Run::load(&gs::fixture_dir("tiny_mlp"), &candle_core::Device::Cpu).unwrap();
+    let other = Service::new(run, Prompts::open_db(path).unwrap());
+    let err = other.check_database().unwrap_err();
+    assert!(err.contains("was not made for the model"), "{err}");
+    assert!(err.contains("2 blocks, the model has 1"), "{err}");
+}

@@ -119,6 +119,44 @@ impl Service {
         &self.data
     }
 
+    /// Refuses a database indexed for another model: a different number of blocks, or component
+    /// keys (among the first rows) that name modules or indices this model does not have.
+    pub fn check_database(&self) -> Result<(), String> {
+        let Prompts::Db { path, .. } = &self.data.prompts else {
+            return Ok(());
+        };
+        let d = &self.data;
+        let conn = d.db().map_err(|e| e.message)?;
+        let other = |why: String| {
+            format!(
+                "{} was not made for the model {}: {why}",
+                path.display(),
+                d.run.model_path.display()
+            )
+        };
+        let blocks = d.run.model.target.blocks.len();
+        if let Some(n) = queries::n_blocks(&conn).map_err(|e| e.to_string())?
+            && n as usize != blocks
+        {
+            return Err(other(format!(
+                "it records {n} blocks, the model has {blocks}"
+            )));
+        }
+        let mut stmt = conn
+            .prepare("SELECT DISTINCT component_key FROM (SELECT component_key FROM component_activations LIMIT 5000)")
+            .map_err(|e| e.to_string())?;
+        let keys = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        for key in keys {
+            let key = key.map_err(|e| e.to_string())?;
+            if let Err(e) = d.check_component(&key) {
+                return Err(other(e.message));
+            }
+        }
+        Ok(())
+    }
+
     /// The graph of `prompt`, shared with identical requests and cached.
     pub async fn graph_of(
         &self,
