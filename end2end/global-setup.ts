@@ -2,7 +2,8 @@ import { baseURL } from './playwright.config';
 
 // cargo-leptos spawns the server and starts Playwright at once; wait for the first answer.
 export default async function waitForServer(): Promise<void> {
-  const deadline = Date.now() + 180_000;
+  // The first start of the demo also indexes the demo corpus (about a minute on two cores).
+  const deadline = Date.now() + 600_000;
   let last = '';
   while (Date.now() < deadline) {
     try {
@@ -14,5 +15,5 @@ export default async function waitForServer(): Promise<void> {
     }
     await new Promise((r) => setTimeout(r, 250));
   }
-  throw new Error(`server at ${baseURL} did not answer within 180 s (last: ${last})`);
+  throw new Error(`server at ${baseURL} did not answer within 600 s (last: ${last})`);
 }
