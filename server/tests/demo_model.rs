@@ -60,6 +60,8 @@ fn prompt(text: &str, name: &str) -> (Vec<u32>, u32, Vec<usize>) {
 /// the graph's strongest edges is one from a `k_proj`/`v_proj` component at ` Leo`'s position to an
 /// `o_proj` component at the last position (attention moving the name), computed by the fast engine.
 #[test]
+#[ignore = "the shipped target does not copy names yet (it predicts a name of the right gender, not the \
+            one in the prompt); see server/demo/README.md"]
 fn name_copying_prompt_has_a_cross_position_kv_to_o_edge_among_its_top_edges() {
     let model = load();
     let text = "There was a little girl named Mia. She had a big red ball. Mia had a friend named Leo. Mia and";
@@ -131,3 +133,52 @@ fn name_copying_prompt_has_a_cross_position_kv_to_o_edge_among_its_top_edges() {
 
 /// How many of the strongest edges the name-copying test looks at.
 const TOP: usize = 20;
+
+/// What the shipped demo does carry across positions: the character's gender. After `… a girl named
+/// Mia.` both models predict ` She` (` He` for a boy), and the graph has cross-position edges from a
+/// `v_proj` component at ` girl`/` boy` into `o_proj` components at later positions.
+#[test]
+fn pronoun_prompt_has_cross_position_v_to_o_edges_from_the_character_noun() {
+    let model = load();
+    let sources = SourceMap::probe(&model).unwrap();
+    let engine = FastEngine::new(&model, &sources).unwrap();
+    for (text, noun, pronoun) in [
+        ("There was a little girl named Mia.", " girl", " She"),
+        ("There was a little boy named Leo.", " boy", " He"),
+    ] {
+        let (tokens, _, noun_at) = prompt(text, noun);
+        let (_, pron, _) = prompt(text, pronoun);
+        let last = tokens.len() - 1;
+        let ci = PromptCi::compute(&model, &tokens).unwrap();
+        let th = Thresholds {
+            ci: 0.1,
+            output_prob: 0.05,
+        };
+        let graph = engine.graph(&model, &ci, th).unwrap();
+        assert!(ci.target_probs[last][pron as usize] > 0.9, "{text}: target");
+        assert!(
+            graph.masked_probs[last][pron as usize] > 0.9,
+            "{text}: CI-masked model"
+        );
+        let mut edges = graph.edges.clone();
+        edges.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+        let kind = |l: Layer| match l {
+            Layer::Module(i) => Some(model.modules[i].id.kind),
+            _ => None,
+        };
+        let rank = edges
+            .iter()
+            .position(|e| {
+                e.is_cross_seq
+                    && e.s_in < e.s_out
+                    && kind(e.source) == Some(ModuleKind::V)
+                    && kind(e.target) == Some(ModuleKind::O)
+                    && e.s_in as usize == noun_at[0]
+            })
+            .expect("no v → o edge from the character noun to a later position");
+        eprintln!(
+            "{text}: strongest v -> o edge from{noun} is number {rank} of {}",
+            edges.len()
+        );
+    }
+}

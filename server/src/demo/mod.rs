@@ -63,8 +63,8 @@ impl Default for DemoSpec {
             spd: SpdSpec {
                 c: 128,
                 ci_hidden: 64,
-                steps: 900,
-                batch: 16,
+                steps: 500,
+                batch: 8,
                 lr: 2e-3,
                 faithfulness_warmup_steps: 400,
                 faithfulness_warmup_lr: 3e-3,

@@ -70,9 +70,10 @@ impl AdamW {
         let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
         for (i, (var, wd)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
-            let g = (g * scale)?;
-            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // Detached, or each step's moments would keep every earlier step's graph alive.
+            let g = (g.detach() * scale)?;
+            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?.detach();
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let step = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + self.eps)?)?;
             let w = var.as_tensor().detach();
             let w = ((&w * (1.0 - lr * wd))? - (step * lr)?)?;
