@@ -77,7 +77,7 @@ const NUMBERS: [&str; 10] = [
 ];
 const TIMES: [&str; 4] = ["One day", "One morning", "Later", "After lunch"];
 
-fn pick<'a, T: Copy>(rng: &mut Rng, xs: &'a [T]) -> T {
+fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
     xs[rng.below(xs.len())]
 }
 

@@ -83,15 +83,23 @@ impl Default for DemoSpec {
 impl DemoSpec {
     /// A few seconds' worth of everything, to check the pipeline end to end.
     pub fn quick() -> Self {
-        let mut s = Self::default();
-        s.n_train_stories = 2_000;
-        s.n_demo_stories = 200;
-        s.n_eval_windows = 16;
-        s.target.steps = 60;
-        s.target.warmup = 10;
-        s.spd.steps = 20;
-        s.spd.faithfulness_warmup_steps = 20;
-        s
+        let d = Self::default();
+        Self {
+            n_train_stories: 2_000,
+            n_demo_stories: 200,
+            n_eval_windows: 16,
+            target: TargetSpec {
+                steps: 60,
+                warmup: 10,
+                ..d.target
+            },
+            spd: SpdSpec {
+                steps: 20,
+                faithfulness_warmup_steps: 20,
+                ..d.spd
+            },
+            ..d
+        }
     }
 }
 

@@ -148,7 +148,7 @@ pub fn upper_leaky(z: &Tensor) -> Result<Tensor> {
 
 /// Sum of all elements as an `f64` (for logging).
 pub fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+    t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
 }
 
 #[cfg(test)]

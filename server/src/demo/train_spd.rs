@@ -233,7 +233,7 @@ pub fn train(
         let frac = step as f64 / spec.steps.max(1) as f64;
         let p = spec.p_start + (spec.p_end - spec.p_start) * frac;
         // Constant, then linear decay over the last fifth.
-        let lr = spec.lr * ((1.0 - frac) / 0.2).min(1.0).max(0.05);
+        let lr = spec.lr * ((1.0 - frac) / 0.2).clamp(0.05, 1.0);
         let (x, _) = batch(train, block, spec.batch, &mut rng)?;
         let mut rec = Record(vec![None; n]);
         let target_logp = nn::log_softmax(&target.forward(&x, &mut rec)?)?.detach();
