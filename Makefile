@@ -35,14 +35,10 @@ setup-test: setup
 		apt-get update && apt-get install -y chromium; \
 	fi
 
-# The run that `make serve` and the end-to-end tests show. Until the trained demo model ships, the small
-# fixture run (random weights, real SPD format) goes through the real engine; `SPD_MODEL=` shows a
-# placeholder graph.
-SPD_MODEL ?= server/tests/fixtures/tiny_shared
-export SPD_MODEL
-
+# `make serve` and the end-to-end tests show the built-in demo (server/demo); SPD_MODEL, SPD_DB and
+# SPD_PROMPTS in the environment choose another run (see README).
 serve: setup
-	@echo "Serving $(if $(SPD_MODEL),$(SPD_MODEL),a placeholder graph) on $(URL) once built"
+	@echo "Serving $(or $(SPD_MODEL),the built-in demo) on $(URL) once built"
 	cargo leptos serve
 
 # Regenerates the built-in demo in server/demo (corpus, tokenizer, target GPT2Simple, SPD run) from its
