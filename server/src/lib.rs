@@ -1,5 +1,7 @@
 //! The engine (model, CI, attribution), storage and serving for the SPD explorer.
 pub mod attribution;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod device;
 pub mod generate;

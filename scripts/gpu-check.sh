@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, on a machine with an NVIDIA GPU, its driver and PyTorch with
+# CUDA wheels (no Rust, no network; see /work/shared/GPU.md). Build first on any machine with
+# scripts/build-cuda.sh and bring .cuda/bin/gpu_check along.
+#
+#   scripts/gpu-check.sh [gpu_check flags, e.g. --batches 64,1024 --reps 2]
+#
+# 1. gpu_check: CPU vs CUDA on the fixtures and the bench model (CI, logits, active entries, sums),
+#    then the fused CI pass timed at batch sizes 64…16384 × 32 tokens;
+# 2. scripts/gpu_check_torch.py: the same CI math in PyTorch, cross-checked and timed, and the
+#    Rust/PyTorch table last.
+# Exits non-zero if any check fails. With $OUT set, the JSON results are copied there.
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bin="${GPU_CHECK_BIN:-$repo/.cuda/bin/gpu_check}"
+work="${GPU_CHECK_WORK:-/tmp/spd-gpu-check}"
+[ -x "$bin" ] || { echo "gpu-check: $bin not found (run scripts/build-cuda.sh and carry .cuda/bin)" >&2; exit 2; }
+# The CUDA 13 libraries the binary links (cudart, cublas, nvrtc, curand) come with PyTorch's wheels.
+libs="$(python3 -c 'import nvidia,glob,os;print(":".join(d for r in nvidia.__path__ for d in glob.glob(os.path.join(r,"*","lib"))))')"
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+mkdir -p "$work"
+rm -f "$work/rust_timings.json"
+start=$SECONDS
+timeout 270 "$bin" --work "$work" "$@"
+rc=$?
+echo "(gpu_check: exit $rc, $((SECONDS - start)) s)"
+trc=0
+if [ -f "$work/rust_timings.json" ]; then
+    timeout 180 python3 scripts/gpu_check_torch.py --work "$work"
+    trc=$?
+    echo "(gpu_check_torch.py: exit $trc, $((SECONDS - start)) s in all)"
+fi
+if [ -n "${OUT:-}" ]; then
+    cp -f "$work"/*.json "$OUT"/ 2>/dev/null || true
+fi
+[ "$rc" -eq 0 ] && [ "$trc" -eq 0 ]

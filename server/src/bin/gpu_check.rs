@@ -1,0 +1,364 @@
+//! `gpu_check` (needs the `cuda` feature and a GPU): checks the CUDA path against the CPU on the
+//! fixtures, then times the fused CI pass on the bench-shaped model. Run by `scripts/gpu-check.sh`,
+//! which then times the same math in PyTorch and prints the comparison.
+//!
+//! Checks, per fixture and prompt: candle's CUDA backend (lower/upper/pre-sigmoid CI, target logits)
+//! and the fused kernels (dense CI, active entries, per-component CI sums and firing counts) against
+//! the CPU path, within 1e-5. Then the same on the bench-shaped model at 8 × 32 tokens.
+//! Writes `bench_run/` (the bench model as a run), `bench_model.json`, `bench_check.json` and
+//! `rust_timings.json` into `--work` for the PyTorch script.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use server::cuda::{
+    CiThresholds, FusedCi, ci_active_entries, ci_pass, reference_entries, sort_entries,
+};
+use server::model::SpdModel;
+use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+
+/// CPU-vs-CUDA equality on the fixtures, then the CI-pass timing sweep.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
+    /// Folder of fixture runs (each a run directory with `prompts.json`).
+    #[arg(long, default_value = "server/tests/fixtures")]
+    fixtures: PathBuf,
+    /// Scratch folder for the bench model and the JSON the PyTorch script reads.
+    #[arg(long, default_value = "/tmp/spd-gpu-check")]
+    work: PathBuf,
+    /// Batch sizes (prompts) of the timing sweep.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64,128,256,512,1024,2048,4096,8192,16384"
+    )]
+    batches: Vec<usize>,
+    /// Tokens per prompt in the sweep.
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Timed repetitions per batch size (after one warm-up); the fastest is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Largest batch for the unfused candle baseline (it keeps every module's dense CI).
+    #[arg(long, default_value_t = 2048)]
+    max_unfused_batch: usize,
+    /// CI threshold for active entries in the sweep (the fixtures use 0.1).
+    #[arg(long, default_value_t = 0.01)]
+    threshold: f32,
+    #[arg(long)]
+    skip_timing: bool,
+}
+
+const TOL: f32 = 1e-5;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let dev = server::device::parse_device(&args.device)?;
+    std::fs::create_dir_all(&args.work)?;
+    let mut ok = true;
+
+    println!("## CPU vs CUDA ({}), tolerance {TOL}\n", args.device);
+    println!(
+        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | ok |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let th = CiThresholds {
+        active: 0.1,
+        firing: 0.0,
+    };
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("prompts.json").is_file())
+        .collect();
+    fixtures.sort();
+    for dir in &fixtures {
+        let cpu = SpdModel::load(dir, &Device::Cpu)?;
+        let gpu = SpdModel::load(dir, &dev)?;
+        let prompts: Vec<Vec<u32>> =
+            serde_json::from_slice(&std::fs::read(dir.join("prompts.json"))?)?;
+        let mut acc = Compare::default();
+        for p in &prompts {
+            let tokens = Tensor::from_slice(p, (1, p.len()), &Device::Cpu)?;
+            acc.add(&cpu, &gpu, &tokens, th)?;
+        }
+        let name = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        ok &= acc.print(&name, prompts.len());
+    }
+
+    // The bench-shaped model, written as a run so the CUDA side loads it as any run and PyTorch reads
+    // the same weights.
+    let spec = SyntheticSpec::simple_stories_1m();
+    let t0 = Instant::now();
+    let cpu = synthetic_model(&spec)?;
+    let run_dir = args.work.join("bench_run");
+    server::generate::synthetic::write_run(&cpu, &run_dir)?;
+    let cpu = SpdModel::load(&run_dir, &Device::Cpu)?;
+    let gpu = SpdModel::load(&run_dir, &dev)?;
+    eprintln!("bench model built and loaded in {:.1?}", t0.elapsed());
+    let sweep_th = CiThresholds {
+        active: args.threshold,
+        firing: 0.0,
+    };
+    let mut rng = Rng::new(7);
+    let check_tokens = random_tokens(&mut rng, 8, args.seq, cpu.vocab_size());
+    let mut acc = Compare::default();
+    let tokens = Tensor::from_slice(&check_tokens, (8, args.seq), &Device::Cpu)?;
+    let fused = acc.add(&cpu, &gpu, &tokens, sweep_th)?;
+    ok &= acc.print("bench 8×32", 8);
+    let modules: Vec<&str> = gpu.modules.iter().map(|m| m.name.as_str()).collect();
+    let g = &gpu.target.cfg;
+    let meta = serde_json::json!({
+        "run_dir": run_dir,
+        "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd, "vocab_size": g.vocab_size,
+        "c": gpu.c(), "ci_hidden": gpu.config.ci_fn_hidden_dims, "modules": modules,
+        "threshold": args.threshold, "firing": 0.0, "seq": args.seq,
+        "batches": args.batches, "reps": args.reps,
+    });
+    std::fs::write(args.work.join("bench_model.json"), meta.to_string())?;
+    let check = serde_json::json!({
+        "tokens": check_tokens.chunks(args.seq).collect::<Vec<_>>(),
+        "sum_ci": fused.sum_ci, "n_firing": fused.n_firing, "n_active": fused.entries.len(),
+    });
+    std::fs::write(args.work.join("bench_check.json"), check.to_string())?;
+    println!();
+
+    if !args.skip_timing {
+        sweep(&args, &gpu, sweep_th)?;
+    }
+    if !ok {
+        eprintln!("gpu_check: CPU and CUDA results differ (see the table)");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn random_tokens(rng: &mut Rng, b: usize, t: usize, vocab: usize) -> Vec<u32> {
+    (0..b * t).map(|_| rng.below(vocab) as u32).collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let b = b.to_device(&Device::Cpu)?;
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+/// Worst differences over a model's prompts.
+#[derive(Default)]
+struct Compare {
+    candle_ci: f32,
+    candle_logits: f32,
+    fused_ci: f32,
+    fused_logits: f32,
+    entries_cpu: usize,
+    entries_cuda: usize,
+    /// Entries in one set and not the other (or at another CI) farther than TOL from the threshold.
+    entries_off: usize,
+    /// Largest |Δ sum| / max(1, |sum|).
+    sum_rel: f32,
+    /// Firing counts that differ by more than the values within TOL of the firing threshold explain.
+    firing_off: usize,
+}
+
+impl Compare {
+    /// Compares one batch `tokens` (`[B, T]`, CPU) and returns the fused result.
+    fn add(
+        &mut self,
+        cpu: &SpdModel,
+        gpu: &SpdModel,
+        tokens: &Tensor,
+        th: CiThresholds,
+    ) -> candle_core::Result<FusedCi> {
+        let want = cpu.ci(tokens)?;
+        let tokens_gpu = tokens.to_device(gpu.device())?;
+        let got = gpu.ci(&tokens_gpu)?;
+        for (w, g) in [
+            (&want.lower, &got.lower),
+            (&want.upper, &got.upper),
+            (&want.pre_sigmoid, &got.pre_sigmoid),
+        ] {
+            for (w, g) in w.iter().zip(g) {
+                self.candle_ci = self.candle_ci.max(max_abs_diff(w, g)?);
+            }
+        }
+        self.candle_logits = self
+            .candle_logits
+            .max(max_abs_diff(&want.target_logits, &got.target_logits)?);
+
+        let mut fused = ci_pass(gpu, &tokens_gpu, th, true)?;
+        for (w, g) in want
+            .lower
+            .iter()
+            .zip(fused.dense.as_deref().unwrap_or_default())
+        {
+            self.fused_ci = self.fused_ci.max(max_abs_diff(w, g)?);
+        }
+        self.fused_logits = self
+            .fused_logits
+            .max(max_abs_diff(&want.target_logits, &fused.logits)?);
+
+        let (ref_entries, ref_sums, ref_fires) = reference_entries(&want.lower, th)?;
+        sort_entries(&mut fused.entries);
+        self.entries_cpu += ref_entries.len();
+        self.entries_cuda += fused.entries.len();
+        self.entries_off += entries_off(&ref_entries, &fused.entries, th.active);
+        for (w, g) in ref_sums.iter().zip(&fused.sum_ci) {
+            self.sum_rel = self.sum_rel.max((w - g).abs() / w.abs().max(1.0));
+        }
+        // Values within TOL of the firing threshold may fall either side.
+        let c = cpu.c();
+        let mut near = vec![0u32; ref_fires.len()];
+        for (i, x) in want.lower.iter().enumerate() {
+            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            for (k, &x) in v.iter().enumerate() {
+                near[i * c + k % c] += u32::from((x - th.firing).abs() <= TOL);
+            }
+        }
+        self.firing_off += ref_fires
+            .iter()
+            .zip(&fused.n_firing)
+            .zip(&near)
+            .filter(|((w, g), n)| w.abs_diff(**g) > **n)
+            .count();
+        Ok(fused)
+    }
+
+    fn print(&self, name: &str, prompts: usize) -> bool {
+        let ok = self.candle_ci <= TOL
+            && self.candle_logits <= TOL
+            && self.fused_ci <= TOL
+            && self.fused_logits <= TOL
+            && self.entries_off == 0
+            && self.sum_rel <= TOL
+            && self.firing_off == 0;
+        println!(
+            "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {} |",
+            self.candle_ci,
+            self.candle_logits,
+            self.fused_ci,
+            self.fused_logits,
+            self.entries_cpu,
+            self.entries_cuda,
+            self.entries_off,
+            self.sum_rel,
+            self.firing_off,
+            if ok { "yes" } else { "**NO**" }
+        );
+        ok
+    }
+}
+
+/// Entries of `a` and `b` (both sorted) that do not pair up at equal keys and CI within TOL, except
+/// those within TOL of the threshold (rounding may put them either side).
+fn entries_off(
+    a: &[server::cuda::ActiveEntry],
+    b: &[server::cuda::ActiveEntry],
+    thr: f32,
+) -> usize {
+    let key = |e: &server::cuda::ActiveEntry| (e.prompt, e.position, e.column);
+    let borderline = |e: &server::cuda::ActiveEntry| (e.ci - thr).abs() <= TOL;
+    let (mut i, mut j, mut off) = (0, 0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if key(x) == key(y) => {
+                off += usize::from((x.ci - y.ci).abs() > TOL);
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if key(x) < key(y) => {
+                off += usize::from(!borderline(x));
+                i += 1;
+            }
+            (Some(_), Some(y)) | (None, Some(y)) => {
+                off += usize::from(!borderline(y));
+                j += 1;
+            }
+            (Some(x), None) => {
+                off += usize::from(!borderline(x));
+                i += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    off
+}
+
+/// Times the fused pass (and candle's unfused CI pass up to `max_unfused_batch`) per batch size.
+fn sweep(args: &Args, gpu: &SpdModel, th: CiThresholds) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = gpu.device();
+    let t = args.seq;
+    println!(
+        "## CI pass on the bench-shaped model ({t} tokens per prompt, best of {})\n",
+        args.reps
+    );
+    println!(
+        "| batch | tokens | fused device tok/s | fused incl. copy tok/s | active entries | candle unfused tok/s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut rows = vec![];
+    let mut rng = Rng::new(11);
+    for &b in &args.batches {
+        let tokens = random_tokens(&mut rng, b, t, gpu.vocab_size());
+        let tokens = Tensor::from_slice(&tokens, (b, t), dev)?.to_dtype(DType::U32)?;
+        let time = |f: &mut dyn FnMut() -> candle_core::Result<Duration>| -> candle_core::Result<Duration> {
+            f()?;
+            let mut best = Duration::MAX;
+            for _ in 0..args.reps.max(1) {
+                best = best.min(f()?);
+            }
+            Ok(best)
+        };
+        let mut n_entries = 0;
+        let mut device_best = Duration::MAX;
+        let total = time(&mut || {
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            let r = ci_active_entries(gpu, &tokens, th)?;
+            let el = t0.elapsed();
+            device_best = device_best.min(r.device_time);
+            n_entries = r.entries.len();
+            Ok(el)
+        })?;
+        let unfused = if b <= args.max_unfused_batch {
+            Some(time(&mut || {
+                dev.synchronize()?;
+                let t0 = Instant::now();
+                let (ci, probs) = server::generate::extract::forward(gpu, &tokens)?;
+                dev.synchronize()?;
+                drop((ci, probs));
+                Ok(t0.elapsed())
+            })?)
+        } else {
+            None
+        };
+        let n = (b * t) as f64;
+        let tps = |d: Duration| n / d.as_secs_f64();
+        println!(
+            "| {b} | {} | {:.3e} | {:.3e} | {n_entries} | {} |",
+            b * t,
+            tps(device_best),
+            tps(total),
+            unfused.map_or("—".into(), |d| format!("{:.3e}", tps(d)))
+        );
+        rows.push(serde_json::json!({
+            "batch": b, "tokens": b * t, "device_s": device_best.as_secs_f64(),
+            "total_s": total.as_secs_f64(), "entries": n_entries,
+            "unfused_s": unfused.map(|d| d.as_secs_f64()),
+        }));
+    }
+    write_json(
+        &args.work.join("rust_timings.json"),
+        &serde_json::Value::Array(rows),
+    )?;
+    println!();
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
+    std::fs::write(path, v.to_string())
+}

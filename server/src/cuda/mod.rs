@@ -1,0 +1,431 @@
+//! The batched CI pass on CUDA with fused kernels (`ci_kernels.cu`, compiled to PTX by `build.rs`).
+//!
+//! The target forward and every matmul stay in candle (cuBLAS). Between and after the CI networks'
+//! matmuls two kernels replace candle's chains of element-wise ops:
+//! - `bias_gelu_f32`: bias + exact GELU of a hidden layer, one pass instead of two;
+//! - `ci_final_f32`: final bias + lower-leaky sigmoid + threshold test + compaction of the active
+//!   entries `(prompt, position, column, CI)` into one device buffer, plus per-component CI sums and
+//!   firing counts. Only that buffer's used part and the reductions cross to the host.
+
+use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
+
+use crate::model::config::{CiFnType, SigmoidType};
+use crate::model::gpt2_simple::{Linear, LinearHook, PlainForward};
+use crate::model::{ModuleId, SpdModel};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ci_kernels.ptx"));
+const MODULE: &str = "spd_ci_kernels";
+/// Must match `FINAL_THREADS` / `FINAL_ROWS` in `ci_kernels.cu`.
+const FINAL_THREADS: u32 = 256;
+const FINAL_ROWS: u32 = 128;
+
+/// Thresholds of the fused reduction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CiThresholds {
+    /// An entry is active (and compacted) where its CI ≥ this.
+    pub active: f32,
+    /// A component fires where its CI > this (counted per component).
+    pub firing: f32,
+}
+
+/// One active entry. `column` is `module * C + component` (module in `SpdModel::modules` order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActiveEntry {
+    pub prompt: u32,
+    pub position: u32,
+    pub column: u32,
+    pub ci: f32,
+}
+
+/// What [`ci_active_entries`] brings back.
+#[derive(Debug, Clone)]
+pub struct FusedCi {
+    /// In no particular order (blocks finish in any order); see [`sort_entries`].
+    pub entries: Vec<ActiveEntry>,
+    /// Per column: the sum of CI over the batch's tokens.
+    pub sum_ci: Vec<f32>,
+    /// Per column: how many tokens have CI > `firing`.
+    pub n_firing: Vec<u32>,
+    /// Per module, `[B, T, C]` on the host, when asked for (checks only).
+    pub dense: Option<Vec<Tensor>>,
+    /// `[B, T, vocab]`, the target model's logits, on the device.
+    pub logits: Tensor,
+    /// From the call to the entry count on the host (the forward and kernels done), without the
+    /// copies of entries and reductions.
+    pub device_time: std::time::Duration,
+}
+
+/// Sorts entries by (prompt, position, column).
+pub fn sort_entries(entries: &mut [ActiveEntry]) {
+    entries.sort_unstable_by_key(|e| (e.prompt, e.position, e.column));
+}
+
+/// The CI pass of token ids `[B, T]` on a CUDA model: active entries and per-component reductions.
+pub fn ci_active_entries(model: &SpdModel, tokens: &Tensor, th: CiThresholds) -> Result<FusedCi> {
+    ci_pass(model, tokens, th, false)
+}
+
+/// As [`ci_active_entries`]; with `keep_dense` the kernel also writes the dense lower CI and it is
+/// copied to the host (for equality checks).
+pub fn ci_pass(
+    model: &SpdModel,
+    tokens: &Tensor,
+    th: CiThresholds,
+    keep_dense: bool,
+) -> Result<FusedCi> {
+    let start = std::time::Instant::now();
+    let dev = model.device().as_cuda_device()?.clone();
+    let kind = sigmoid_kind(model.config.sigmoid_type);
+    let (b, t) = tokens.dims2()?;
+    let n_cols = model.modules.len() * model.c();
+    // Room for ~3% active entries; a fuller batch reruns with the exact count.
+    let mut cap = ((b * t * n_cols) / 32).max(1 << 16);
+    loop {
+        let mut bufs = Buffers::new(&dev, n_cols, cap)?;
+        let mut hook = FusedHook {
+            model,
+            dev: &dev,
+            kind,
+            th,
+            seq_len: t,
+            keep_dense,
+            bufs: &mut bufs,
+            dense: vec![None; model.modules.len()],
+        };
+        let logits = model.target.forward(tokens, &mut hook)?;
+        let dense = hook.dense;
+        let count = dev.clone_dtoh(&bufs.counter)?[0] as usize;
+        let device_time = start.elapsed();
+        if count > cap {
+            cap = count;
+            continue;
+        }
+        let words = if count == 0 {
+            vec![]
+        } else {
+            dev.clone_dtoh(&bufs.entries.slice(..4 * count))?
+        };
+        let entries = words
+            .chunks_exact(4)
+            .map(|w| ActiveEntry {
+                prompt: w[0],
+                position: w[1],
+                column: w[2],
+                ci: f32::from_bits(w[3]),
+            })
+            .collect();
+        let dense = if keep_dense {
+            Some(
+                dense
+                    .into_iter()
+                    .map(|d| d.expect("every decomposed module runs in the forward pass"))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        return Ok(FusedCi {
+            entries,
+            sum_ci: dev.clone_dtoh(&bufs.sums)?,
+            n_firing: dev.clone_dtoh(&bufs.fires)?,
+            dense,
+            logits,
+            device_time,
+        });
+    }
+}
+
+fn sigmoid_kind(s: SigmoidType) -> i32 {
+    // ci.rs: lower_ci
+    match s {
+        SigmoidType::Hard | SigmoidType::LowerLeakyHard | SigmoidType::LeakyHard => 0,
+        SigmoidType::Normal => 1,
+        SigmoidType::SwishHard => 2,
+        SigmoidType::UpperLeakyHard => 3,
+    }
+}
+
+/// The device buffers one pass writes its reductions into.
+struct Buffers {
+    entries: CudaSlice<u32>,
+    cap: u64,
+    counter: CudaSlice<u64>,
+    sums: CudaSlice<f32>,
+    fires: CudaSlice<u32>,
+}
+
+impl Buffers {
+    fn new(dev: &CudaDevice, n_cols: usize, cap: usize) -> Result<Self> {
+        Ok(Self {
+            // SAFETY: the kernel writes entries before anything reads them; only the counted
+            // prefix is copied back.
+            entries: unsafe { dev.alloc::<u32>(4 * cap) }?,
+            cap: cap as u64,
+            counter: dev.alloc_zeros::<u64>(1)?,
+            sums: dev.alloc_zeros::<f32>(n_cols)?,
+            fires: dev.alloc_zeros::<u32>(n_cols)?,
+        })
+    }
+}
+
+struct FusedHook<'a> {
+    model: &'a SpdModel,
+    dev: &'a CudaDevice,
+    kind: i32,
+    th: CiThresholds,
+    seq_len: usize,
+    keep_dense: bool,
+    bufs: &'a mut Buffers,
+    dense: Vec<Option<Tensor>>,
+}
+
+impl LinearHook for FusedHook<'_> {
+    fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
+        if let Some(i) = self.model.module_index(id) {
+            self.module_ci(i, x)?;
+        }
+        PlainForward.linear(id, x, linear)
+    }
+}
+
+impl FusedHook<'_> {
+    /// Module `i`'s CI network on its input `x` (`[B, T, d_in]`), ending in the fused final kernel.
+    fn module_ci(&mut self, i: usize, x: &Tensor) -> Result<()> {
+        let m = &self.model.modules[i];
+        let (b, t, d_in) = x.dims3()?;
+        let (n, c) = (b * t, m.components.c());
+        let flat = x.reshape((n, d_in))?.contiguous()?;
+        let layers = &m.ci_fn.layers;
+        let Some(((w_last, b_last), hidden)) = layers.split_last() else {
+            bail!("CI network of {} has no layers", m.name);
+        };
+        let gelu = BiasGelu { group_rows: n };
+        // z as [N, C] (shared) or [C, N, 1] (one network per component), with its strides.
+        let (z, row_stride, col_stride) = match m.ci_fn.kind {
+            CiFnType::SharedMlp => {
+                let mut h = flat;
+                for (w, bias) in hidden {
+                    h = h.matmul(w)?.apply_op2_no_bwd(bias, &gelu)?;
+                }
+                (h.matmul(w_last)?, c, 1)
+            }
+            CiFnType::VectorMlp | CiFnType::Mlp => {
+                let mut h = match m.ci_fn.kind {
+                    CiFnType::VectorMlp => flat.unsqueeze(0)?.broadcast_as((c, n, d_in))?,
+                    _ => m.components.inner_acts(&flat)?.t()?.unsqueeze(2)?,
+                }
+                .contiguous()?;
+                for (w, bias) in hidden {
+                    h = h.matmul(w)?.apply_op2_no_bwd(bias, &gelu)?;
+                }
+                (h.matmul(w_last)?, 1, n)
+            }
+        };
+        let dense = self.final_kernel(&z, b_last, n, c, row_stride, col_stride, i * c)?;
+        if let Some(d) = dense {
+            self.dense[i] = Some(Tensor::from_vec(d, (b, t, c), &candle_core::Device::Cpu)?);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn final_kernel(
+        &mut self,
+        z: &Tensor,
+        bias: &Tensor,
+        n: usize,
+        c: usize,
+        row_stride: usize,
+        col_stride: usize,
+        col0: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let z = z.contiguous()?;
+        let bias = bias.contiguous()?;
+        if bias.elem_count() != c || z.elem_count() != n * c {
+            bail!(
+                "fused CI: expected z of {} and bias of {c} values, found {} and {}",
+                n * c,
+                z.elem_count(),
+                bias.elem_count()
+            );
+        }
+        let (zs, zl) = z.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let z_view = cuda_view(&zs, zl)?;
+        let b_view = cuda_view(&bs, bl)?;
+        let mut ci_out = self
+            .dev
+            .alloc_zeros::<f32>(if self.keep_dense { n * c } else { 1 })?;
+        let func = self
+            .dev
+            .get_or_load_custom_func("ci_final_f32", MODULE, PTX)?;
+        let (n32, c32, rs32, cs32, t32) = (
+            n as u32,
+            c as u32,
+            row_stride as u32,
+            col_stride as u32,
+            self.seq_len as u32,
+        );
+        let (col0, write) = (col0 as u32, i32::from(self.keep_dense));
+        let mut sums = self.bufs.sums.slice_mut(col0 as usize..col0 as usize + c);
+        let mut fires = self.bufs.fires.slice_mut(col0 as usize..col0 as usize + c);
+        let mut lb = func.builder();
+        lb.arg(&z_view)
+            .arg(&b_view)
+            .arg(&n32)
+            .arg(&c32)
+            .arg(&rs32)
+            .arg(&cs32)
+            .arg(&t32)
+            .arg(&self.kind)
+            .arg(&self.th.active)
+            .arg(&self.th.firing)
+            .arg(&col0)
+            .arg(&mut ci_out)
+            .arg(&write)
+            .arg(&mut sums)
+            .arg(&mut fires)
+            .arg(&mut self.bufs.entries)
+            .arg(&self.bufs.cap)
+            .arg(&mut self.bufs.counter);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n.div_ceil(FINAL_ROWS as usize) as u32,
+                c.div_ceil(FINAL_THREADS as usize) as u32,
+                1,
+            ),
+            block_dim: (FINAL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `ci_final_f32`; every index the kernel computes is
+        // bounded by n, c and cap, the lengths of the buffers passed.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        if self.keep_dense {
+            Ok(Some(self.dev.clone_dtoh(&ci_out)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// The f32 device view of a contiguous CUDA tensor's storage.
+fn cuda_view<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<candle_core::cuda::cudarc::driver::CudaView<'a, f32>> {
+    let Storage::Cuda(s) = storage else {
+        bail!("fused CI: expected a CUDA tensor");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("fused CI: expected a contiguous tensor");
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
+}
+
+/// `gelu_erf(x + bias)` for `x` `[…, rows, h]` and a bias row per `group_rows` rows (`[h]` or
+/// `[G, 1, h]`).
+struct BiasGelu {
+    group_rows: usize,
+}
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "bias_gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("bias_gelu is a CUDA kernel; on the CPU use broadcast_add and gelu_erf")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device.clone();
+        let (Some((x0, x1)), Some((b0, b1))) = (xl.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            bail!("bias_gelu: expected contiguous inputs");
+        };
+        let h = *xl.shape().dims().last().unwrap_or(&1);
+        let len = x1 - x0;
+        let rows = len / h.max(1);
+        if self.group_rows == 0
+            || rows % self.group_rows != 0
+            || b1 - b0 != rows / self.group_rows * h
+        {
+            bail!(
+                "bias_gelu: {rows} rows of {h} in groups of {} do not fit a bias of {}",
+                self.group_rows,
+                b1 - b0
+            );
+        }
+        let x = xs.as_cuda_slice::<f32>()?.slice(x0..x1);
+        let b = bs.as_cuda_slice::<f32>()?.slice(b0..b1);
+        // SAFETY: the kernel writes every element of `out`.
+        let mut out = unsafe { dev.alloc::<f32>(len) }?;
+        let func = dev.get_or_load_custom_func("bias_gelu_f32", MODULE, PTX)?;
+        let (rows32, h32, g32) = (rows as u32, h as u32, self.group_rows as u32);
+        let mut lb = func.builder();
+        lb.arg(&x)
+            .arg(&b)
+            .arg(&mut out)
+            .arg(&rows32)
+            .arg(&h32)
+            .arg(&g32);
+        let blocks = len.div_ceil(256).clamp(1, 1 << 20) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `bias_gelu_f32`; it reads rows × h and the bias.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// The entries and reductions of [`ci_active_entries`], computed on the host from dense lower CI
+/// (`[B, T, C]` per module, e.g. from the CPU path): the reference the fused kernels must equal.
+pub fn reference_entries(
+    ci: &[Tensor],
+    th: CiThresholds,
+) -> Result<(Vec<ActiveEntry>, Vec<f32>, Vec<u32>)> {
+    let mut entries = vec![];
+    let (mut sums, mut fires) = (vec![], vec![]);
+    for (i, x) in ci.iter().enumerate() {
+        let (b, t, c) = x.dims3()?;
+        let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (mut s, mut f) = (vec![0f32; c], vec![0u32; c]);
+        for (k, &v) in data.iter().enumerate() {
+            let (row, col) = (k / c, k % c);
+            s[col] += v;
+            f[col] += u32::from(v > th.firing);
+            if v >= th.active {
+                entries.push(ActiveEntry {
+                    prompt: (row / t) as u32,
+                    position: (row % t) as u32,
+                    column: (i * c + col) as u32,
+                    ci: v,
+                });
+            }
+        }
+        debug_assert_eq!(data.len(), b * t * c);
+        sums.extend(s);
+        fires.extend(f);
+    }
+    sort_entries(&mut entries);
+    Ok((entries, sums, fires))
+}
