@@ -278,17 +278,17 @@ fn watch_progress(
     source.set_onerror(Some(on_error.as_ref().unchecked_ref()));
     Some(ProgressGuard {
         source,
-        _closures: (on_message, on_error),
+        _on_message: on_message,
+        _on_error: on_error,
     })
 }
 
+/// The stream and the callbacks it calls, which must live as long as it does.
 #[cfg(feature = "hydrate")]
 pub struct ProgressGuard {
     source: web_sys::EventSource,
-    _closures: (
-        wasm_bindgen::closure::Closure<dyn FnMut(web_sys::MessageEvent)>,
-        wasm_bindgen::closure::Closure<dyn FnMut()>,
-    ),
+    _on_message: wasm_bindgen::closure::Closure<dyn FnMut(web_sys::MessageEvent)>,
+    _on_error: wasm_bindgen::closure::Closure<dyn FnMut()>,
 }
 
 #[cfg(feature = "hydrate")]

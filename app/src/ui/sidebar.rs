@@ -141,7 +141,7 @@ fn Controls() -> impl IntoView {
                     type="number"
                     step=step
                     // Through f32, so 0.1 shows as 0.1 and not 0.10000000149.
-                    prop:value=move || (v.with(|s| get(s)) as f32).to_string()
+                    prop:value=move || (v.with(get) as f32).to_string()
                     on:change=move |ev| {
                         if let Ok(x) = event_target_value(&ev).parse::<f64>()
                             && ok(x)

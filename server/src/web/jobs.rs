@@ -35,7 +35,10 @@ pub enum Status {
     },
 }
 
-type Outcome = Result<Arc<GraphData>, ApiError>;
+/// A finished computation.
+pub type Outcome = Result<Arc<GraphData>, ApiError>;
+/// Status updates of one computation; the outcome arrives with the last.
+pub type Watch = watch::Receiver<(Status, Option<Outcome>)>;
 
 /// What the worker computes for a key, reporting `progress(done, total)`.
 pub type Compute<K> =
@@ -49,8 +52,8 @@ struct Job<K> {
 struct State<K> {
     cache: HashMap<K, (Arc<GraphData>, u64)>,
     clock: u64,
-    running: HashMap<K, watch::Receiver<(Status, Option<Outcome>)>>,
-    tickets: HashMap<u64, watch::Receiver<(Status, Option<Outcome>)>>,
+    running: HashMap<K, Watch>,
+    tickets: HashMap<u64, Watch>,
     ticket_order: VecDeque<u64>,
 }
 
@@ -149,7 +152,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
     }
 
     /// The status updates of the computation named `ticket`, if one was started with it.
-    pub fn watch(&self, ticket: u64) -> Option<watch::Receiver<(Status, Option<Outcome>)>> {
+    pub fn watch(&self, ticket: u64) -> Option<Watch> {
         lock(&self.state).tickets.get(&ticket).cloned()
     }
 
@@ -164,7 +167,7 @@ fn lock<K>(state: &Mutex<State<K>>) -> std::sync::MutexGuard<'_, State<K>> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn remember<K>(st: &mut State<K>, ticket: u64, rx: watch::Receiver<(Status, Option<Outcome>)>) {
+fn remember<K>(st: &mut State<K>, ticket: u64, rx: Watch) {
     if st.tickets.insert(ticket, rx).is_none() {
         st.ticket_order.push_back(ticket);
     }

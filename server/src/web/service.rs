@@ -173,15 +173,7 @@ impl Service {
     }
 
     /// Progress of the computation named `ticket`.
-    pub fn progress(
-        &self,
-        ticket: u64,
-    ) -> Option<
-        tokio::sync::watch::Receiver<(
-            super::jobs::Status,
-            Option<Result<Arc<GraphData>, ApiError>>,
-        )>,
-    > {
+    pub fn progress(&self, ticket: u64) -> Option<super::jobs::Watch> {
         self.jobs.watch(ticket)
     }
 }
