@@ -11,21 +11,8 @@ use server::model::{LoadError, RunError, SpdModel};
 /// Copies a fixture run (config, checkpoint, target/) into a temp dir for mutation.
 fn copy_run(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    copy_tree(&fixture_dir(name), dir.path());
+    common::copy_tree(&fixture_dir(name), dir.path());
     dir
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
 }
 
 fn load(path: &Path) -> Result<SpdModel, LoadError> {

@@ -31,7 +31,7 @@ fn site() -> &'static Site {
     SITE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let run_dir = dir.path().join("run");
-        copy_dir(&gs::fixture_dir("tiny_shared"), &run_dir);
+        gs::common::copy_tree(&gs::fixture_dir("tiny_shared"), &run_dir);
         let tok = gs::write_tokenizer(&run_dir);
         let corpus = dir.path().join("corpus.jsonl");
         gs::write_jsonl(&corpus, &gs::documents(60, 7), "story");
@@ -43,19 +43,6 @@ fn site() -> &'static Site {
         let service = Service::new(run, Prompts::open_db(&db).unwrap());
         Site { _dir: dir, service }
     })
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn app() -> Router {

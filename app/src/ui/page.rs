@@ -162,8 +162,11 @@ pub fn GraphPage() -> impl IntoView {
         let ticket = new_ticket();
         let progress = watch_progress(ticket, ctx.load, generation, mine);
         leptos::task::spawn_local(async move {
-            let result = get_graph(prompt, params, Some(ticket)).await;
-            drop(progress);
+            let result = {
+                // The progress stream lives as long as the request.
+                let _progress = progress;
+                get_graph(prompt, params, Some(ticket)).await
+            };
             if generation.get_value() != mine {
                 return;
             }

@@ -244,6 +244,11 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_shared")
     }
 
+    /// The graph of the fixture's first prompt, without database means.
+    fn graph0(run: &Run, params: GraphParams) -> Result<GraphData, ApiError> {
+        run.graph(None, &prompt0(), params, &|_| None, &|_, _| {})
+    }
+
     fn prompt0() -> Vec<u32> {
         let text = std::fs::read_to_string(fixture().join("prompts.json")).unwrap();
         let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).unwrap();
@@ -282,15 +287,7 @@ mod tests {
     #[test]
     fn normalized_edges_sum_to_one_per_target() {
         let run = Run::load(&fixture(), &Device::Cpu).unwrap();
-        let g = run
-            .graph(
-                None,
-                &prompt0(),
-                GraphParams::default(),
-                &|_| None,
-                &|_, _| {},
-            )
-            .unwrap();
+        let g = graph0(&run, GraphParams::default()).unwrap();
         let mut sums: std::collections::HashMap<&str, f64> = Default::default();
         for e in &g.edges {
             *sums.entry(e.tgt.as_str()).or_default() += f64::from(e.val.abs());
@@ -303,15 +300,7 @@ mod tests {
     #[test]
     fn max_mean_ci_drops_frequent_components_and_their_edges() {
         let run = Run::load(&fixture(), &Device::Cpu).unwrap();
-        let all = run
-            .graph(
-                None,
-                &prompt0(),
-                GraphParams::default(),
-                &|_| None,
-                &|_, _| {},
-            )
-            .unwrap();
+        let all = graph0(&run, GraphParams::default()).unwrap();
         // Pretend every c_fc component of block 0 is on half the time.
         let mean = |k: &str| k.starts_with("h.0.mlp.c_fc:").then_some(0.5);
         let params = GraphParams {
@@ -339,9 +328,7 @@ mod tests {
             output_prob_threshold: 2.0,
             ..GraphParams::default()
         };
-        let err = run
-            .graph(None, &prompt0(), bad, &|_| None, &|_, _| {})
-            .unwrap_err();
+        let err = graph0(&run, bad).unwrap_err();
         assert_eq!(err.status, 400);
         assert!(err.message.contains("output_prob_threshold"), "{err}");
         let err = run

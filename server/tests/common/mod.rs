@@ -120,3 +120,17 @@ pub fn active_map(v: &Value) -> BTreeMap<String, (f64, Vec<u64>)> {
         })
         .collect()
 }
+
+/// Copies a directory tree (a fixture run) to `to`.
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}

@@ -15,7 +15,7 @@ use server::model::synthetic::Rng;
 use server::store::{meta, schema};
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 pub use common::fixture_dir;
 
 /// Words `w2` … `w95`: ids 2 … 95 of the test tokenizer (0 is `[EOS]`, 1 `[UNK]`).
