@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Largest batch for the unfused candle baseline (it keeps every module's dense CI).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     max_unfused_batch: usize,
     /// CI threshold for active entries in the sweep (the fixtures use 0.1).
     #[arg(long, default_value_t = 0.01)]
@@ -54,7 +54,10 @@ struct Args {
     skip_timing: bool,
 }
 
+/// Values: |a − b| ≤ TOL · max(1, |a|) (absolute for CI, relative for large logits).
 const TOL: f32 = 1e-5;
+/// Per-component CI sums over many tokens: summation order (atomics) differs from the CPU's.
+const SUM_TOL: f32 = 1e-4;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -62,7 +65,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&args.work)?;
     let mut ok = true;
 
-    println!("## CPU vs CUDA ({}), tolerance {TOL}\n", args.device);
+    println!(
+        "## CPU vs CUDA ({}): max |Δ|/max(1, |x|) (ok ≤ {TOL}; CI sums ≤ {SUM_TOL})\n",
+        args.device
+    );
     println!(
         "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | ok |"
     );
@@ -143,9 +149,14 @@ fn random_tokens(rng: &mut Rng, b: usize, t: usize, vocab: usize) -> Vec<u32> {
     (0..b * t).map(|_| rng.below(vocab) as u32).collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+/// max |a − b| / max(1, |a|)
+fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let b = b.to_device(&Device::Cpu)?;
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    let scale = a.abs()?.maximum(1f32)?;
+    ((a - b)?.abs()? / scale)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 /// Worst differences over a model's prompts.
@@ -183,12 +194,12 @@ impl Compare {
             (&want.pre_sigmoid, &got.pre_sigmoid),
         ] {
             for (w, g) in w.iter().zip(g) {
-                self.candle_ci = self.candle_ci.max(max_abs_diff(w, g)?);
+                self.candle_ci = self.candle_ci.max(max_diff(w, g)?);
             }
         }
         self.candle_logits = self
             .candle_logits
-            .max(max_abs_diff(&want.target_logits, &got.target_logits)?);
+            .max(max_diff(&want.target_logits, &got.target_logits)?);
 
         let mut fused = ci_pass(gpu, &tokens_gpu, th, true)?;
         for (w, g) in want
@@ -196,11 +207,11 @@ impl Compare {
             .iter()
             .zip(fused.dense.as_deref().unwrap_or_default())
         {
-            self.fused_ci = self.fused_ci.max(max_abs_diff(w, g)?);
+            self.fused_ci = self.fused_ci.max(max_diff(w, g)?);
         }
         self.fused_logits = self
             .fused_logits
-            .max(max_abs_diff(&want.target_logits, &fused.logits)?);
+            .max(max_diff(&want.target_logits, &fused.logits)?);
 
         let (ref_entries, ref_sums, ref_fires) = reference_entries(&want.lower, th)?;
         sort_entries(&mut fused.entries);
@@ -234,7 +245,7 @@ impl Compare {
             && self.fused_ci <= TOL
             && self.fused_logits <= TOL
             && self.entries_off == 0
-            && self.sum_rel <= TOL
+            && self.sum_rel <= SUM_TOL
             && self.firing_off == 0;
         println!(
             "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {} |",

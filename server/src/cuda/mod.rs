@@ -362,7 +362,7 @@ impl CustomOp2 for BiasGelu {
         let len = x1 - x0;
         let rows = len / h.max(1);
         if self.group_rows == 0
-            || rows % self.group_rows != 0
+            || !rows.is_multiple_of(self.group_rows)
             || b1 - b0 != rows / self.group_rows * h
         {
             bail!(
