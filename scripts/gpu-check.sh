@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, on a machine with an NVIDIA GPU, its driver and PyTorch with
 # CUDA wheels (no Rust, no network; see /work/shared/GPU.md). Build first on any machine with
-# scripts/build-cuda.sh and bring .cuda/bin/gpu_check along.
+# scripts/build-cuda.sh and bring .cuda/bin/gpu_check along (~50 MB; from a session with a lent GPU:
+# the run tool with carry [".cuda/bin/gpu_check"] and command scripts/gpu-check.sh). About 2-3 minutes.
 #
 #   scripts/gpu-check.sh [gpu_check flags, e.g. --batches 64,1024 --reps 2]
 #
