@@ -255,29 +255,33 @@ async fn search(State(s): State<Service>, Query(q): Params) -> ApiResult {
         }
     };
     let limit = number(&q, "limit")?.unwrap_or(super::service::MAX_PAGE);
-    let found = {
-        let (s, components) = (s.clone(), components.clone());
-        blocking(move || s.search(&components, all, limit)).await?
-    };
-    let results: Vec<Value> = found
-        .hits
-        .iter()
-        .map(|h| {
-            let tokens = s.data().prompt_tokens(h.prompt.id).unwrap_or_default();
-            let mut entry = prompt_entry(&s, h.prompt.id, &tokens);
-            entry["score"] = json!(h.score);
-            entry["matches"] = json!(
-                h.matches
-                    .iter()
-                    .map(|m| json!({"key": m.key, "max_ci": m.max_ci, "positions": m.positions}))
-                    .collect::<Vec<_>>()
-            );
-            entry
+    let (total, results) = {
+        let components = components.clone();
+        blocking(move || {
+            let found = s.search(&components, all, limit)?;
+            let results: Vec<Value> = found
+                .hits
+                .iter()
+                .map(|h| {
+                    let tokens = s.data().prompt_tokens(h.prompt.id).unwrap_or_default();
+                    let mut entry = prompt_entry(&s, h.prompt.id, &tokens);
+                    entry["score"] = json!(h.score);
+                    entry["matches"] = json!(
+                        h.matches
+                            .iter()
+                            .map(|m| json!({"key": m.key, "max_ci": m.max_ci, "positions": m.positions}))
+                            .collect::<Vec<_>>()
+                    );
+                    entry
+                })
+                .collect();
+            Ok((found.total, results))
         })
-        .collect();
+        .await?
+    };
     Ok(Json(json!({
         "query": {"components": components, "mode": mode},
-        "count": found.total,
+        "count": total,
         "results": results,
     })))
 }
