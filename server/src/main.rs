@@ -36,7 +36,7 @@ struct Args {
 }
 
 /// Indexes the demo corpus, resuming a database left half-written by an interrupted start.
-fn build_demo_db(model: &Path, db: &Path) -> Result<(), String> {
+fn build_demo_db(model: &Path, db: &Path, force_new: bool) -> Result<(), String> {
     use server::generate::{self, GenerateConfig, Input, Progress};
     tracing::info!(
         "building the demo database {} from {} (first start only)",
@@ -68,7 +68,7 @@ fn build_demo_db(model: &Path, db: &Path) -> Result<(), String> {
         devices: vec!["cpu".into()],
         workers: None,
         shard: Default::default(),
-        force_new: false,
+        force_new,
         n_blocks: None,
         progress: Progress::Log,
         context_checkpoint: generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT,
@@ -83,13 +83,27 @@ fn build_demo_db(model: &Path, db: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `db` holds a finished generation (a start killed while building it leaves one that is
-/// not, which the next start resumes).
-fn demo_db_complete(db: &Path) -> bool {
-    server::store::schema::open_read_only(db)
+/// What the demo database holds, against the demo checkpoint with hash `sha256`.
+#[derive(Debug, PartialEq)]
+enum DemoDb {
+    /// A finished index of this checkpoint.
+    Ready,
+    /// Missing, or a start killed while building it: building resumes.
+    Partial,
+    /// An index of another checkpoint (the demo was regenerated): built again from scratch.
+    Stale,
+}
+
+fn demo_db_state(db: &Path, sha256: &str) -> DemoDb {
+    let record = server::store::schema::open_read_only(db)
         .ok()
-        .and_then(|c| server::store::queries::generation(&c).ok().flatten())
-        .is_some_and(|g| g.complete)
+        .and_then(|c| server::store::queries::generation(&c).ok().flatten());
+    match record {
+        None => DemoDb::Partial,
+        Some(g) if g.config["model"]["sha256"].as_str() != Some(sha256) => DemoDb::Stale,
+        Some(g) if g.complete => DemoDb::Ready,
+        Some(_) => DemoDb::Partial,
+    }
 }
 
 /// The service the flags ask for.
@@ -109,8 +123,18 @@ fn service(args: &Args) -> Result<Service, String> {
         (None, Some(file)) => Prompts::read_list(file)?,
         (None, None) if demo => {
             let db = PathBuf::from(DEMO_DB);
-            if !demo_db_complete(&db) {
-                build_demo_db(&model_path, &db)?;
+            let sha = server::generate::pipeline::sha256_file(&run.model.checkpoint)
+                .map_err(|e| e.to_string())?;
+            match demo_db_state(&db, &sha) {
+                DemoDb::Ready => {}
+                DemoDb::Partial => build_demo_db(&model_path, &db, false)?,
+                DemoDb::Stale => {
+                    tracing::info!(
+                        "{} indexes an older demo model; rebuilding it",
+                        db.display()
+                    );
+                    build_demo_db(&model_path, &db, true)?
+                }
             }
             Prompts::open_db(&db)?
         }
