@@ -186,6 +186,38 @@ pub struct Edge {
     pub val: f32,
 }
 
+/// A graph of `tokens` positions and `n_blocks` blocks with nodes `keys` (all of `importance`) and
+/// `(src, tgt, val)` edges: the fixture the geometry tests build on.
+#[cfg(test)]
+pub fn test_graph(
+    tokens: usize,
+    n_blocks: usize,
+    keys: &[&str],
+    importance: f32,
+    edges: &[(&str, &str, f32)],
+) -> GraphData {
+    GraphData {
+        tokens: (0..tokens).map(|i| format!("t{i}")).collect(),
+        n_blocks,
+        nodes: keys
+            .iter()
+            .map(|k| Node {
+                key: (*k).into(),
+                importance,
+            })
+            .collect(),
+        edges: edges
+            .iter()
+            .map(|(s, t, v)| Edge {
+                src: (*s).into(),
+                tgt: (*t).into(),
+                val: *v,
+            })
+            .collect(),
+        ..GraphData::default()
+    }
+}
+
 /// A node key split into its parts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeKey<'a> {

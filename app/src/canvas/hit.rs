@@ -116,34 +116,15 @@ pub fn edge_at(scene: &Scene, layout: &Layout, p: Point, tolerance: f64) -> Opti
 mod tests {
     use super::*;
     use crate::canvas::layout::LayoutMode;
-    use crate::types::{Edge, GraphData, Node};
+    use crate::types::GraphData;
 
     fn graph() -> GraphData {
         let keys = ["wte:0:0", "wte:1:0", "h.0.mlp.c_fc:1:3", "output:1:7"];
-        GraphData {
-            tokens: vec!["a".into(), "b".into()],
-            n_blocks: 1,
-            nodes: keys
-                .iter()
-                .map(|k| Node {
-                    key: (*k).into(),
-                    importance: 1.0,
-                })
-                .collect(),
-            edges: vec![
-                Edge {
-                    src: "wte:1:0".into(),
-                    tgt: "h.0.mlp.c_fc:1:3".into(),
-                    val: 0.5,
-                },
-                Edge {
-                    src: "h.0.mlp.c_fc:1:3".into(),
-                    tgt: "output:1:7".into(),
-                    val: -0.2,
-                },
-            ],
-            ..GraphData::default()
-        }
+        let edges = [
+            ("wte:1:0", "h.0.mlp.c_fc:1:3", 0.5),
+            ("h.0.mlp.c_fc:1:3", "output:1:7", -0.2),
+        ];
+        crate::types::test_graph(2, 1, &keys, 1.0, &edges)
     }
 
     #[test]

@@ -266,22 +266,9 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Node;
 
     fn graph(keys: &[&str]) -> GraphData {
-        GraphData {
-            tokens: vec!["a".into(), "b".into(), "c".into()],
-            n_blocks: 2,
-            nodes: keys
-                .iter()
-                .map(|k| Node {
-                    key: (*k).into(),
-                    importance: 1.0,
-                })
-                .collect(),
-            edges: vec![],
-            ..GraphData::default()
-        }
+        crate::types::test_graph(3, 2, keys, 1.0, &[])
     }
 
     #[test]

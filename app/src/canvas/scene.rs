@@ -86,7 +86,6 @@ impl Scene {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Edge, Node};
 
     fn graph() -> GraphData {
         let nodes = [
@@ -95,29 +94,13 @@ mod tests {
             "h.0.mlp.c_fc:1:3",
             "output:1:9",
         ];
-        let e = |s: &str, t: &str, val| Edge {
-            src: s.into(),
-            tgt: t.into(),
-            val,
-        };
-        GraphData {
-            tokens: vec!["a".into(), "b".into()],
-            n_blocks: 1,
-            nodes: nodes
-                .iter()
-                .map(|k| Node {
-                    key: (*k).into(),
-                    importance: 0.5,
-                })
-                .collect(),
-            edges: vec![
-                e("wte:0:0", "h.0.mlp.c_fc:0:3", 0.1),
-                e("h.0.mlp.c_fc:1:3", "output:1:9", -0.9),
-                e("wte:0:0", "output:1:9", 0.4),
-                e("wte:0:0", "gone:0:0", 5.0),
-            ],
-            ..GraphData::default()
-        }
+        let edges = [
+            ("wte:0:0", "h.0.mlp.c_fc:0:3", 0.1),
+            ("h.0.mlp.c_fc:1:3", "output:1:9", -0.9),
+            ("wte:0:0", "output:1:9", 0.4),
+            ("wte:0:0", "gone:0:0", 5.0),
+        ];
+        crate::types::test_graph(2, 1, &nodes, 0.5, &edges)
     }
 
     #[test]
