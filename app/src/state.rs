@@ -2,6 +2,7 @@
 //! reload: which prompt (or typed text), pinned components, filters, layout, zoom and pan.
 
 use crate::canvas::layout::LayoutMode;
+use crate::canvas::view::Viewport;
 use crate::types::{GraphParams, PromptRef};
 
 /// Edges drawn by default (the strongest by |value|).
@@ -35,6 +36,19 @@ impl Default for ViewState {
 }
 
 impl ViewState {
+    /// The zoom and pan as the canvas geometry uses them.
+    pub fn viewport(&self) -> Viewport {
+        Viewport {
+            zoom: self.zoom,
+            pan: self.pan,
+        }
+    }
+
+    pub fn set_viewport(&mut self, v: Viewport) {
+        self.zoom = v.zoom;
+        self.pan = v.pan;
+    }
+
     /// The query string (without `?`); only what differs from the defaults, in a fixed order.
     pub fn to_query(&self) -> String {
         let d = ViewState::default();

@@ -23,12 +23,7 @@ pub fn GraphView() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
     let canvas = NodeRef::<leptos::html::Canvas>::new();
     let drag: RwSignal<Option<Drag>> = RwSignal::new(None);
-    let viewport = move || {
-        ctx.view.with(|v| Viewport {
-            zoom: v.zoom,
-            pan: v.pan,
-        })
-    };
+    let viewport = move || ctx.view.with(|v| v.viewport());
 
     // Keep the layout width equal to the canvas's CSS width.
     let measure = move || {
@@ -94,14 +89,8 @@ pub fn GraphView() -> impl IntoView {
             }
             drag.set(Some(d));
             if d.moved {
-                ctx.view.update(|v| {
-                    let p = Viewport {
-                        zoom: v.zoom,
-                        pan: v.pan,
-                    }
-                    .pan_by(dx, dy);
-                    v.pan = p.pan;
-                });
+                ctx.view
+                    .update(|v| v.set_viewport(v.viewport().pan_by(dx, dy)));
                 return;
             }
         }
@@ -156,15 +145,8 @@ pub fn GraphView() -> impl IntoView {
             y: f64::from(ev.offset_y()),
         };
         let factor = (-ev.delta_y() * 0.0015).exp();
-        ctx.view.update(|v| {
-            let z = Viewport {
-                zoom: v.zoom,
-                pan: v.pan,
-            }
-            .zoom_at(at, factor);
-            v.zoom = z.zoom;
-            v.pan = z.pan;
-        });
+        ctx.view
+            .update(|v| v.set_viewport(v.viewport().zoom_at(at, factor)));
     };
 
     let cursor = move || match (drag.get().is_some_and(|d| d.moved), ctx.hover.get()) {

@@ -328,10 +328,7 @@ fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
                 let _ = input.focus();
             }
         }
-        "f" if !typing => ctx.view.update(|v| {
-            v.zoom = 1.0;
-            v.pan = (0.0, 0.0);
-        }),
+        "f" if !typing => ctx.view.update(|v| v.set_viewport(Default::default())),
         _ => {}
     }
 }

@@ -187,7 +187,7 @@ fn Controls() -> impl IntoView {
                 </select>
             </label>
             <div class="buttons">
-                <button id="fit" on:click=move |_| v.update(|s| { s.zoom = 1.0; s.pan = (0.0, 0.0); })>"Fit (f)"</button>
+                <button id="fit" on:click=move |_| v.update(|s| s.set_viewport(Default::default()))>"Fit (f)"</button>
                 <button id="export-json" on:click=move |_| export_json(ctx)>"Export JSON"</button>
                 <button id="export-png" on:click=move |_| export_png()>"Export PNG"</button>
             </div>

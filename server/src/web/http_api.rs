@@ -258,13 +258,12 @@ async fn search(State(s): State<Service>, Query(q): Params) -> ApiResult {
     let (total, results) = {
         let components = components.clone();
         blocking(move || {
-            let found = s.search(&components, all, limit)?;
+            let found = s.data().search_hits(&components, all, limit)?;
             let results: Vec<Value> = found
                 .hits
                 .iter()
                 .map(|h| {
-                    let tokens = s.data().prompt_tokens(h.prompt.id).unwrap_or_default();
-                    let mut entry = prompt_entry(&s, h.prompt.id, &tokens);
+                    let mut entry = prompt_entry(&s, h.prompt_id, &h.token_ids);
                     entry["score"] = json!(h.score);
                     entry["matches"] = json!(
                         h.matches

@@ -256,6 +256,36 @@ impl Data {
         if ok { Ok(()) } else { Err(bad()) }
     }
 
+    /// Prompts where all (or any) of the component keys are alive, best first, with their token ids;
+    /// both the page's search and the original API's `/api/search` format these.
+    pub fn search_hits(
+        &self,
+        keys: &[String],
+        all: bool,
+        limit: usize,
+    ) -> Result<queries::SearchResult, ApiError> {
+        let limit = page_limit(limit)?;
+        if keys.is_empty() {
+            return Err(ApiError::bad_request("No components specified"));
+        }
+        for k in keys {
+            self.check_component(k)?;
+        }
+        let conn = self.db()?;
+        let search = queries::Search {
+            keys: keys.to_vec(),
+            mode: if all {
+                queries::Match::All
+            } else {
+                queries::Match::Any
+            },
+            order: queries::Order::ScoreDesc,
+            offset: 0,
+            limit,
+        };
+        queries::search_prompts(&conn, &search).map_err(store_error)
+    }
+
     /// The prompts of a database, for the original API's `/api/prompts`.
     pub fn all_prompts(&self) -> Result<Vec<(i64, Vec<u32>)>, ApiError> {
         match &self.prompts {
@@ -430,27 +460,8 @@ impl Explorer for Service {
     }
 
     fn search(&self, keys: &[String], all: bool, limit: usize) -> Result<SearchResults, ApiError> {
-        let limit = page_limit(limit)?;
         let d = &self.data;
-        if keys.is_empty() {
-            return Err(ApiError::bad_request("No components specified"));
-        }
-        for k in keys {
-            d.check_component(k)?;
-        }
-        let conn = d.db()?;
-        let search = queries::Search {
-            keys: keys.to_vec(),
-            mode: if all {
-                queries::Match::All
-            } else {
-                queries::Match::Any
-            },
-            order: queries::Order::ScoreDesc,
-            offset: 0,
-            limit,
-        };
-        let found = queries::search_prompts(&conn, &search).map_err(store_error)?;
+        let found = d.search_hits(keys, all, limit)?;
         Ok(SearchResults {
             total: found.total,
             hits: found
