@@ -5,11 +5,11 @@
 
 use crate::model::synthetic::Rng;
 
-const GIRLS: [&str; 16] = [
+pub const GIRLS: [&str; 16] = [
     "Mia", "Lily", "Anna", "Emma", "Rose", "Lucy", "Sara", "Nora", "Ella", "Zoe", "Amy", "Kate",
     "Ruby", "Ivy", "Jane", "Grace",
 ];
-const BOYS: [&str; 16] = [
+pub const BOYS: [&str; 16] = [
     "Tom", "Leo", "Max", "Ben", "Sam", "Jack", "Finn", "Owen", "Noah", "Luke", "Adam", "Eli",
     "Hugo", "Oscar", "Paul", "Tim",
 ];
