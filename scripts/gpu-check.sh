@@ -22,14 +22,14 @@ libs="$(python3 -c 'import nvidia,glob,os;print(":".join(d for r in nvidia.__pat
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 mkdir -p "$work"
-rm -f "$work/rust_timings.json"
+rm -f "$work"/rust_timings*.json
 start=$SECONDS
-timeout 270 "$bin" --work "$work" "$@"
+timeout 330 "$bin" --work "$work" "$@"
 rc=$?
 echo "(gpu_check: exit $rc, $((SECONDS - start)) s)"
 trc=0
 if [ -f "$work/rust_timings.json" ]; then
-    timeout 180 python3 scripts/gpu_check_torch.py --work "$work"
+    timeout 150 python3 scripts/gpu_check_torch.py --work "$work"
     trc=$?
     echo "(gpu_check_torch.py: exit $trc, $((SECONDS - start)) s in all)"
 fi

@@ -123,6 +123,38 @@ class Model:
         return ent.cpu(), s.cpu(), f.cpu(), t_dev
 
 
+def matmul_rate(dev, n=8192, reps=5):
+    """The card's measured float32 matmul rate (FLOP/s, tf32 off): best of `reps` n×n products."""
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    torch.mm(a, b)
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del a, b
+    return 2 * n**3 / best
+
+
+def flops_per_token(meta):
+    """Matmul FLOPs of one token's CI pass: the target forward's projections and unembedding, and
+    every module's CI network (shared_mlp: d_in → hidden… → C). Element-wise work is not counted, so
+    the floor it gives is optimistic."""
+    d, c = meta["n_embd"], meta["c"]
+    d_in = lambda name: 4 * d if name.endswith("down_proj") else d
+    target = meta["n_layer"] * 2 * (4 * d * d + 2 * d * 4 * d) + 2 * d * meta["vocab_size"]
+    ci = 0
+    for name in meta["modules"]:
+        dims = [d_in(name)] + list(meta["ci_hidden"]) + [c]
+        ci += sum(2 * a * b for a, b in zip(dims, dims[1:]))
+    return target + ci
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/spd-gpu-check")
@@ -163,6 +195,15 @@ def main():
         print("**PyTorch and Rust CUDA disagree on the check batch**\n")
         ok = False
 
+    rate = matmul_rate(dev)
+    fpt = flops_per_token(meta)
+    floor = rate / fpt if rate else None
+    if rate:
+        print(
+            f"float32 matmul rate measured on this card: {rate / 1e12:.1f} TFLOP/s; the CI pass is "
+            f"{fpt / 1e6:.1f} MFLOP per token of matmuls, so its float32 floor is {floor:.3e} tokens/s\n"
+        )
+
     rust = {r["batch"]: r for r in read("rust_timings.json")}
     batches = [int(b) for b in args.batches.split(",")] if args.batches else meta["batches"]
     gen = torch.Generator(device="cpu").manual_seed(11)
@@ -192,8 +233,8 @@ def main():
         return "—" if x is None or x != x else f"{x:.3e}"
 
     print(f"## CI pass, tokens/s ({seq} tokens per prompt, best of {reps}; ratio = Rust fused / PyTorch)\n")
-    print("| batch | tokens | Rust fused | PyTorch | ratio | Rust fused + copy | PyTorch + copy | ratio | candle unfused | entries Rust / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| batch | tokens | Rust fused | PyTorch | ratio | of fp32 floor | Rust fused + copy | PyTorch + copy | ratio | candle unfused | entries Rust / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b in batches:
         r, t = rust.get(b), torch_rows.get(b)
         rd = tps(b, r["device_s"]) if r else None
@@ -202,10 +243,21 @@ def main():
         td = tps(b, t[0]) if t else None
         tt = tps(b, t[1]) if t else None
         ratio = lambda a, c: f"{a / c:.2f}" if a and c else "—"
+        of_floor = f"{100 * rd / floor:.0f} %" if rd and floor else "—"
         print(
-            f"| {b} | {b * seq} | {fmt(rd)} | {fmt(td)} | {ratio(rd, td)} | {fmt(rt)} | {fmt(tt)} "
+            f"| {b} | {b * seq} | {fmt(rd)} | {fmt(td)} | {ratio(rd, td)} | {of_floor} | {fmt(rt)} | {fmt(tt)} "
             f"| {ratio(rt, tt)} | {fmt(ru)} | {r['entries'] if r else '—'} / {t[2] if t else '—'} |"
         )
+    tf32_path = os.path.join(args.work, "rust_timings_tf32.json")
+    if os.path.exists(tf32_path):
+        print("\n## Rust fused CI pass with tf32 matmuls (opt-in), tokens/s\n")
+        print("| batch | float32 | tf32 | speed-up |")
+        print("|---|---|---|---|")
+        for r in read("rust_timings_tf32.json"):
+            f32 = rust.get(r["batch"])
+            a = tps(r["batch"], f32["device_s"]) if f32 else None
+            t32 = tps(r["batch"], r["device_s"])
+            print(f"| {r['batch']} | {fmt(a)} | {fmt(t32)} | {t32 / a:.2f} |" if a else f"| {r['batch']} | — | {fmt(t32)} | — |")
     return 0 if ok else 1
 
 

@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds};
 use server::cuda::{
-    CiThresholds, FusedCi, ci_active_entries, ci_pass, reference_entries, sort_entries,
+    CiThresholds, FusedCi, ci_active_entries, ci_pass, output_entries, reference_entries,
+    reference_output_entries, sort_entries,
 };
 use server::model::SpdModel;
+use server::model::gpt2_simple::softmax_last;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
 
 /// CPU-vs-CUDA equality on the fixtures, then the CI-pass timing sweep.
@@ -50,6 +53,15 @@ struct Args {
     /// CI threshold for active entries in the sweep (the fixtures use 0.1).
     #[arg(long, default_value_t = 0.01)]
     threshold: f32,
+    /// Output-probability threshold of the fused softmax + compaction check.
+    #[arg(long, default_value_t = 0.01)]
+    output_threshold: f32,
+    /// Prompt lengths of the graph timing (CI pass on the GPU, edges by the host fast engine).
+    #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
+    graph_tokens: Vec<usize>,
+    /// Batch sizes of the tf32 timing (the agreement check always runs).
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    tf32_batches: Vec<usize>,
     #[arg(long)]
     skip_timing: bool,
 }
@@ -70,9 +82,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.device
     );
     println!(
-        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | ok |"
+        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let th = CiThresholds {
         active: 0.1,
         firing: 0.0,
@@ -90,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut acc = Compare::default();
         for p in &prompts {
             let tokens = Tensor::from_slice(p, (1, p.len()), &Device::Cpu)?;
-            acc.add(&cpu, &gpu, &tokens, th)?;
+            acc.add(&cpu, &gpu, &tokens, th, args.output_threshold)?;
         }
         let name = dir
             .file_name()
@@ -116,8 +128,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let check_tokens = random_tokens(&mut rng, 8, args.seq, cpu.vocab_size());
     let mut acc = Compare::default();
     let tokens = Tensor::from_slice(&check_tokens, (8, args.seq), &Device::Cpu)?;
-    let fused = acc.add(&cpu, &gpu, &tokens, sweep_th)?;
+    let fused = acc.add(&cpu, &gpu, &tokens, sweep_th, args.output_threshold)?;
     ok &= acc.print("bench 8×32", 8);
+
+    // The opt-in fast mode: tf32 matmuls (cuBLAS), same kernels. Reported, not required to pass.
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    let mut tf32 = Compare::default();
+    tf32.add(&cpu, &gpu, &tokens, sweep_th, args.output_threshold)?;
+    println!();
+    println!("tf32 matmuls (opt-in; agreement with the float32 CPU path, not gated):\n");
+    println!(
+        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    tf32.print("bench 8×32, tf32", 8);
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
     let modules: Vec<&str> = gpu.modules.iter().map(|m| m.name.as_str()).collect();
     let g = &gpu.target.cfg;
     let meta = serde_json::json!({
@@ -136,7 +161,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
 
     if !args.skip_timing {
-        sweep(&args, &gpu, sweep_th)?;
+        sweep(&args, &gpu, sweep_th, &args.batches, "float32")?;
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        sweep(&args, &gpu, sweep_th, &args.tf32_batches, "tf32")?;
+        candle_core::cuda::set_gemm_reduced_precision_f32(false);
+        graphs(&args, &cpu, &gpu)?;
     }
     if !ok {
         eprintln!("gpu_check: CPU and CUDA results differ (see the table)");
@@ -174,6 +203,10 @@ struct Compare {
     sum_rel: f32,
     /// Firing counts that differ by more than the values within TOL of the firing threshold explain.
     firing_off: usize,
+    outputs_cpu: usize,
+    outputs_cuda: usize,
+    /// Output entries (softmax ≥ threshold) that do not pair up, as `entries_off`.
+    outputs_off: usize,
 }
 
 impl Compare {
@@ -184,6 +217,7 @@ impl Compare {
         gpu: &SpdModel,
         tokens: &Tensor,
         th: CiThresholds,
+        output_threshold: f32,
     ) -> candle_core::Result<FusedCi> {
         let want = cpu.ci(tokens)?;
         let tokens_gpu = tokens.to_device(gpu.device())?;
@@ -236,6 +270,16 @@ impl Compare {
             .zip(&near)
             .filter(|((w, g), n)| w.abs_diff(**g) > **n)
             .count();
+
+        let (b, t) = tokens.dims2()?;
+        let lens = vec![t as u32; b];
+        let want_out =
+            reference_output_entries(&softmax_last(&want.target_logits)?, &lens, output_threshold)?;
+        let mut got_out = output_entries(&fused.logits, &lens, output_threshold)?;
+        sort_entries(&mut got_out);
+        self.outputs_cpu += want_out.len();
+        self.outputs_cuda += got_out.len();
+        self.outputs_off += entries_off(&want_out, &got_out, output_threshold);
         Ok(fused)
     }
 
@@ -246,9 +290,10 @@ impl Compare {
             && self.fused_logits <= TOL
             && self.entries_off == 0
             && self.sum_rel <= SUM_TOL
-            && self.firing_off == 0;
+            && self.firing_off == 0
+            && self.outputs_off == 0;
         println!(
-            "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {} |",
+            "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {}/{} | {} | {} |",
             self.candle_ci,
             self.candle_logits,
             self.fused_ci,
@@ -258,6 +303,9 @@ impl Compare {
             self.entries_off,
             self.sum_rel,
             self.firing_off,
+            self.outputs_cpu,
+            self.outputs_cuda,
+            self.outputs_off,
             if ok { "yes" } else { "**NO**" }
         );
         ok
@@ -300,11 +348,17 @@ fn entries_off(
 }
 
 /// Times the fused pass (and candle's unfused CI pass up to `max_unfused_batch`) per batch size.
-fn sweep(args: &Args, gpu: &SpdModel, th: CiThresholds) -> Result<(), Box<dyn std::error::Error>> {
+fn sweep(
+    args: &Args,
+    gpu: &SpdModel,
+    th: CiThresholds,
+    batches: &[usize],
+    math: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let dev = gpu.device();
     let t = args.seq;
     println!(
-        "## CI pass on the bench-shaped model ({t} tokens per prompt, best of {})\n",
+        "## CI pass on the bench-shaped model, {math} matmuls ({t} tokens per prompt, best of {})\n",
         args.reps
     );
     println!(
@@ -313,7 +367,7 @@ fn sweep(args: &Args, gpu: &SpdModel, th: CiThresholds) -> Result<(), Box<dyn st
     println!("|---|---|---|---|---|---|");
     let mut rows = vec![];
     let mut rng = Rng::new(11);
-    for &b in &args.batches {
+    for &b in batches {
         let tokens = random_tokens(&mut rng, b, t, gpu.vocab_size());
         let tokens = Tensor::from_slice(&tokens, (b, t), dev)?.to_dtype(DType::U32)?;
         let time = |f: &mut dyn FnMut() -> candle_core::Result<Duration>| -> candle_core::Result<Duration> {
@@ -362,10 +416,71 @@ fn sweep(args: &Args, gpu: &SpdModel, th: CiThresholds) -> Result<(), Box<dyn st
             "unfused_s": unfused.map(|d| d.as_secs_f64()),
         }));
     }
-    write_json(
-        &args.work.join("rust_timings.json"),
-        &serde_json::Value::Array(rows),
-    )?;
+    let file = if math == "float32" {
+        "rust_timings.json".to_owned()
+    } else {
+        format!("rust_timings_{math}.json")
+    };
+    write_json(&args.work.join(file), &serde_json::Value::Array(rows))?;
+    println!();
+    Ok(())
+}
+
+/// Times one prompt's graph on the bench-shaped model as the server computes it with `--device
+/// cuda:N`: CI pass and masked forward on the GPU, the local Jacobians and edges by the fast engine on
+/// the host (it has no device path yet). Checks the edges against the all-CPU graph of the prompt.
+fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "## One prompt's graph on the bench-shaped model (CI ≥ 0.1, output ≥ 0.01; CI pass and forward on \
+         the GPU, edges on the host with {} threads)\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("| tokens | edges | CI pass s | edges s | total s | max |Δ edge| vs all-CPU |");
+    println!("|---|---|---|---|---|---|");
+    let th = Thresholds {
+        ci: 0.1,
+        output_prob: 0.01,
+    };
+    let cpu_engine = FastEngine::new(cpu, &SourceMap::probe(cpu)?)?;
+    let engine = FastEngine::new(gpu, &SourceMap::probe(gpu)?)?;
+    let mut rng = Rng::new(13);
+    for &n in &args.graph_tokens {
+        if n > cpu.block_size() {
+            println!(
+                "| {n} | longer than the context ({}) | | | | |",
+                cpu.block_size()
+            );
+            continue;
+        }
+        let tokens = random_tokens(&mut rng, 1, n, cpu.vocab_size());
+        let t0 = Instant::now();
+        let ci = PromptCi::compute(gpu, &tokens)?;
+        let ci_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let graph = engine.graph(gpu, &ci, th)?;
+        let edges_s = t1.elapsed().as_secs_f64();
+        let want = cpu_engine.graph(cpu, &PromptCi::compute(cpu, &tokens)?, th)?;
+        let max_diff = if want.edges.len() == graph.edges.len() {
+            let d = want
+                .edges
+                .iter()
+                .zip(&graph.edges)
+                .map(|(a, b)| (a.value - b.value).abs())
+                .fold(0.0f64, f64::max);
+            format!("{d:.1e}")
+        } else {
+            format!(
+                "edge counts differ: {} vs {}",
+                want.edges.len(),
+                graph.edges.len()
+            )
+        };
+        println!(
+            "| {n} | {} | {ci_s:.4} | {edges_s:.4} | {:.4} | {max_diff} |",
+            graph.edges.len(),
+            ci_s + edges_s
+        );
+    }
     println!();
     Ok(())
 }

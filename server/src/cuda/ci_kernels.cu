@@ -125,3 +125,85 @@ extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float
         }
     }
 }
+
+#define PROB_THREADS 256
+
+// Sum (op 0) or max (op 1) of `v` over the block; every thread gets the result. `scratch` holds
+// PROB_THREADS / 32 floats.
+__device__ __forceinline__ float block_reduce(float v, int op, float* scratch) {
+    for (int d = 16; d > 0; d >>= 1) {
+        const float o = __shfl_down_sync(0xffffffffu, v, d);
+        v = op ? fmaxf(v, o) : v + o;
+    }
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = scratch[0];
+        for (int w = 1; w < PROB_THREADS / 32; ++w) r = op ? fmaxf(r, scratch[w]) : r + scratch[w];
+        scratch[0] = r;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Output probabilities, fused: one block per token row r < n_rows of logits ([n_rows, vocab],
+// row-major); p = softmax(row), and entries with p >= thr are compacted into `entries` (4 words each:
+// prompt, position, token, p bits) as in ci_final_f32 (one atomic on `counter` per row; past `cap`
+// counted, not written). Rows r with r % seq_len >= lens[r / seq_len] (padding) are skipped.
+extern "C" __global__ void probs_final_f32(const float* __restrict__ logits, uint32_t n_rows,
+                                           uint32_t vocab, uint32_t seq_len,
+                                           const uint32_t* __restrict__ lens, float thr,
+                                           uint32_t* __restrict__ entries, uint64_t cap,
+                                           unsigned long long* __restrict__ counter) {
+    __shared__ float scratch[PROB_THREADS / 32];
+    __shared__ uint32_t warp_tot[PROB_THREADS / 32];
+    __shared__ unsigned long long row_base;
+    const uint32_t r = blockIdx.x;
+    if (r >= n_rows || r % seq_len >= lens[r / seq_len]) return;
+    const float* x = logits + (uint64_t)r * vocab;
+
+    float m = __int_as_float(0xff800000);  // -inf
+    for (uint32_t j = threadIdx.x; j < vocab; j += PROB_THREADS) m = fmaxf(m, x[j]);
+    m = block_reduce(m, 1, scratch);
+    float s = 0.0f;
+    for (uint32_t j = threadIdx.x; j < vocab; j += PROB_THREADS) s += expf(x[j] - m);
+    s = block_reduce(s, 0, scratch);
+    const float inv = 1.0f / s;
+
+    uint32_t active = 0;
+    for (uint32_t j = threadIdx.x; j < vocab; j += PROB_THREADS) active += expf(x[j] - m) * inv >= thr;
+    // Exclusive scan of `active` over the block, then one reservation for the row.
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t incl = active;
+    for (int d = 1; d < 32; d <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t run = 0;
+        for (int w = 0; w < PROB_THREADS / 32; ++w) {
+            const uint32_t t = warp_tot[w];
+            warp_tot[w] = run;
+            run += t;
+        }
+        row_base = run ? atomicAdd(counter, (unsigned long long)run) : 0ull;
+    }
+    __syncthreads();
+    if (!active) return;
+    uint64_t at = row_base + warp_tot[warp] + (incl - active);
+    for (uint32_t j = threadIdx.x; j < vocab && at < cap; j += PROB_THREADS) {
+        const float p = expf(x[j] - m) * inv;
+        if (p >= thr) {
+            uint32_t* e = entries + 4 * at;
+            e[0] = r / seq_len;
+            e[1] = r % seq_len;
+            e[2] = j;
+            e[3] = __float_as_uint(p);
+            ++at;
+        }
+    }
+}

@@ -6,6 +6,8 @@
 //! - `ci_final_f32`: final bias + lower-leaky sigmoid + threshold test + compaction of the active
 //!   entries `(prompt, position, column, CI)` into one device buffer, plus per-component CI sums and
 //!   firing counts. Only that buffer's used part and the reductions cross to the host.
+//! - `probs_final_f32`: softmax of each token's logits + threshold + compaction of the output entries
+//!   `(prompt, position, token, p)`, so the `[B, T, vocab]` probabilities never leave the device.
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
@@ -20,6 +22,8 @@ const MODULE: &str = "spd_ci_kernels";
 /// Must match `FINAL_THREADS` / `FINAL_ROWS` in `ci_kernels.cu`.
 const FINAL_THREADS: u32 = 256;
 const FINAL_ROWS: u32 = 128;
+/// Must match `PROB_THREADS` in `ci_kernels.cu`.
+const PROB_THREADS: u32 = 256;
 
 /// Thresholds of the fused reduction.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,6 +139,102 @@ pub fn ci_pass(
             device_time,
         });
     }
+}
+
+/// The output entries of logits `[B, T, vocab]` on a CUDA device: every `(prompt, position, token)`
+/// whose softmax probability is ≥ `threshold`, with `column` the token id, for positions below
+/// `lens[prompt]` (the rest is padding). In no particular order; see [`sort_entries`].
+pub fn output_entries(logits: &Tensor, lens: &[u32], threshold: f32) -> Result<Vec<ActiveEntry>> {
+    let dev = logits.device().as_cuda_device()?.clone();
+    let (b, t, vocab) = logits.dims3()?;
+    if lens.len() != b || lens.iter().any(|&l| l as usize > t) {
+        bail!(
+            "output entries: {} lengths for {b} prompts of {t} tokens",
+            lens.len()
+        );
+    }
+    let logits = logits.contiguous()?;
+    let (ls, ll) = logits.storage_and_layout();
+    let view = cuda_view(&ls, ll)?;
+    let lens_dev = dev.clone_htod(lens)?;
+    let func = dev.get_or_load_custom_func("probs_final_f32", MODULE, PTX)?;
+    let n = b * t;
+    // A probability ≥ threshold takes at least that share of its row, so a row has at most
+    // 1 / threshold entries; the first try assumes far fewer.
+    let mut cap = (n * 4).max(1 << 12);
+    loop {
+        // SAFETY: the kernel writes entries before anything reads them; only the counted prefix is
+        // copied back.
+        let mut entries = unsafe { dev.alloc::<u32>(4 * cap) }?;
+        let mut counter = dev.alloc_zeros::<u64>(1)?;
+        let (n32, v32, t32, cap64) = (n as u32, vocab as u32, t as u32, cap as u64);
+        let mut lb = func.builder();
+        lb.arg(&view)
+            .arg(&n32)
+            .arg(&v32)
+            .arg(&t32)
+            .arg(&lens_dev)
+            .arg(&threshold)
+            .arg(&mut entries)
+            .arg(&cap64)
+            .arg(&mut counter);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (PROB_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `probs_final_f32`; it reads n × vocab logits and
+        // b lengths, and writes at most cap entries.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        let count = dev.clone_dtoh(&counter)?[0] as usize;
+        if count > cap {
+            cap = count;
+            continue;
+        }
+        let words = if count == 0 {
+            vec![]
+        } else {
+            dev.clone_dtoh(&entries.slice(..4 * count))?
+        };
+        return Ok(words
+            .chunks_exact(4)
+            .map(|w| ActiveEntry {
+                prompt: w[0],
+                position: w[1],
+                column: w[2],
+                ci: f32::from_bits(w[3]),
+            })
+            .collect());
+    }
+}
+
+/// The entries of [`output_entries`] from probabilities `[B, T, vocab]` (e.g. the CPU path's), sorted.
+pub fn reference_output_entries(
+    probs: &Tensor,
+    lens: &[u32],
+    threshold: f32,
+) -> Result<Vec<ActiveEntry>> {
+    let (b, t, vocab) = probs.dims3()?;
+    let data: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+    let mut entries = vec![];
+    for (p, &len) in lens.iter().enumerate().take(b) {
+        for pos in 0..(len as usize).min(t) {
+            let row = &data[(p * t + pos) * vocab..][..vocab];
+            for (tok, &v) in row.iter().enumerate() {
+                if v >= threshold {
+                    entries.push(ActiveEntry {
+                        prompt: p as u32,
+                        position: pos as u32,
+                        column: tok as u32,
+                        ci: v,
+                    });
+                }
+            }
+        }
+    }
+    sort_entries(&mut entries);
+    Ok(entries)
 }
 
 fn sigmoid_kind(s: SigmoidType) -> i32 {
