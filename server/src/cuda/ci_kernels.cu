@@ -49,6 +49,35 @@ __device__ __forceinline__ float lower_ci(float z, int kind) {
 #define FINAL_THREADS 256
 #define FINAL_ROWS 128
 
+// Reserves room for `count` entries of this thread in a buffer shared by all blocks: an exclusive
+// scan of the counts over the block (within warps, then over warp totals), then one atomicAdd on
+// `counter` for the block's total. Returns this thread's first slot. Every thread of the block must
+// call it (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ uint64_t block_reserve(uint32_t count,
+                                                  unsigned long long* __restrict__ counter) {
+    __shared__ uint32_t warp_tot[32];
+    __shared__ unsigned long long base;
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t incl = count;
+    for (int d = 1; d < 32; d <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t run = 0;
+        for (uint32_t w = 0; w < blockDim.x / 32; ++w) {
+            const uint32_t t = warp_tot[w];
+            warp_tot[w] = run;
+            run += t;
+        }
+        base = run ? atomicAdd(counter, (unsigned long long)run) : 0ull;
+    }
+    __syncthreads();
+    return base + warp_tot[warp] + (incl - count);
+}
+
 // Final layer of one module's CI network, fused: ci = lower_ci(z + bias) for rows n < n_rows (token
 // n = prompt * seq_len + position) and components c < n_comp, where z[n, c] sits at
 // z[n * row_stride + c * col_stride] and bias[c]. Grid: x over blocks of FINAL_ROWS tokens, y over
@@ -67,8 +96,6 @@ extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float
                                         float* __restrict__ sums, uint32_t* __restrict__ fires,
                                         uint32_t* __restrict__ entries, uint64_t cap,
                                         unsigned long long* __restrict__ counter) {
-    __shared__ uint32_t warp_tot[FINAL_THREADS / 32];
-    __shared__ unsigned long long block_base;
     const uint32_t c = blockIdx.y * FINAL_THREADS + threadIdx.x;
     const uint32_t r0 = blockIdx.x * FINAL_ROWS;
     const uint32_t r1 = min(r0 + FINAL_ROWS, n_rows);
@@ -92,27 +119,8 @@ extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float
         }
     }
 
-    // Exclusive scan of `active` over the block: within each warp, then over the warp totals.
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint32_t incl = active;
-    for (int d = 1; d < 32; d <<= 1) {
-        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-    }
-    if (lane == 31) warp_tot[warp] = incl;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        uint32_t run = 0;
-        for (int w = 0; w < FINAL_THREADS / 32; ++w) {
-            const uint32_t t = warp_tot[w];
-            warp_tot[w] = run;
-            run += t;
-        }
-        block_base = run ? atomicAdd(counter, (unsigned long long)run) : 0ull;
-    }
-    __syncthreads();
+    uint64_t at = block_reserve(active, counter);
     if (!active) return;
-    uint64_t at = block_base + warp_tot[warp] + (incl - active);
     for (uint32_t r = r0; r < r1 && at < cap; ++r) {
         const float ci = lower_ci(z[(uint64_t)r * row_stride + (uint64_t)c * col_stride] + b, kind);
         if (ci >= active_thr) {
@@ -158,8 +166,6 @@ extern "C" __global__ void probs_final_f32(const float* __restrict__ logits, uin
                                            uint32_t* __restrict__ entries, uint64_t cap,
                                            unsigned long long* __restrict__ counter) {
     __shared__ float scratch[PROB_THREADS / 32];
-    __shared__ uint32_t warp_tot[PROB_THREADS / 32];
-    __shared__ unsigned long long row_base;
     const uint32_t r = blockIdx.x;
     if (r >= n_rows || r % seq_len >= lens[r / seq_len]) return;
     const float* x = logits + (uint64_t)r * vocab;
@@ -174,27 +180,8 @@ extern "C" __global__ void probs_final_f32(const float* __restrict__ logits, uin
 
     uint32_t active = 0;
     for (uint32_t j = threadIdx.x; j < vocab; j += PROB_THREADS) active += expf(x[j] - m) * inv >= thr;
-    // Exclusive scan of `active` over the block, then one reservation for the row.
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint32_t incl = active;
-    for (int d = 1; d < 32; d <<= 1) {
-        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-    }
-    if (lane == 31) warp_tot[warp] = incl;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        uint32_t run = 0;
-        for (int w = 0; w < PROB_THREADS / 32; ++w) {
-            const uint32_t t = warp_tot[w];
-            warp_tot[w] = run;
-            run += t;
-        }
-        row_base = run ? atomicAdd(counter, (unsigned long long)run) : 0ull;
-    }
-    __syncthreads();
+    uint64_t at = block_reserve(active, counter);
     if (!active) return;
-    uint64_t at = row_base + warp_tot[warp] + (incl - active);
     for (uint32_t j = threadIdx.x; j < vocab && at < cap; j += PROB_THREADS) {
         const float p = expf(x[j] - m) * inv;
         if (p >= thr) {

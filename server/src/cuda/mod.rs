@@ -106,20 +106,7 @@ pub fn ci_pass(
             cap = count;
             continue;
         }
-        let words = if count == 0 {
-            vec![]
-        } else {
-            dev.clone_dtoh(&bufs.entries.slice(..4 * count))?
-        };
-        let entries = words
-            .chunks_exact(4)
-            .map(|w| ActiveEntry {
-                prompt: w[0],
-                position: w[1],
-                column: w[2],
-                ci: f32::from_bits(w[3]),
-            })
-            .collect();
+        let entries = read_entries(&dev, &bufs.entries, count)?;
         let dense = if keep_dense {
             Some(
                 dense
@@ -192,21 +179,30 @@ pub fn output_entries(logits: &Tensor, lens: &[u32], threshold: f32) -> Result<V
             cap = count;
             continue;
         }
-        let words = if count == 0 {
-            vec![]
-        } else {
-            dev.clone_dtoh(&entries.slice(..4 * count))?
-        };
-        return Ok(words
-            .chunks_exact(4)
-            .map(|w| ActiveEntry {
-                prompt: w[0],
-                position: w[1],
-                column: w[2],
-                ci: f32::from_bits(w[3]),
-            })
-            .collect());
+        return read_entries(&dev, &entries, count);
     }
+}
+
+/// The first `count` entries of a kernel's entry buffer (4 words each: prompt, position, column,
+/// value bits), copied to the host.
+fn read_entries(
+    dev: &CudaDevice,
+    entries: &CudaSlice<u32>,
+    count: usize,
+) -> Result<Vec<ActiveEntry>> {
+    if count == 0 {
+        return Ok(vec![]);
+    }
+    let words = dev.clone_dtoh(&entries.slice(..4 * count))?;
+    Ok(words
+        .chunks_exact(4)
+        .map(|w| ActiveEntry {
+            prompt: w[0],
+            position: w[1],
+            column: w[2],
+            ci: f32::from_bits(w[3]),
+        })
+        .collect())
 }
 
 /// The entries of [`output_entries`] from probabilities `[B, T, vocab]` (e.g. the CPU path's), sorted.
