@@ -42,7 +42,7 @@ serve: setup
 	cargo leptos serve
 
 # Regenerates the built-in demo in server/demo (corpus, tokenizer, target GPT2Simple, SPD run) from its
-# seeds, bit for bit: 24 minutes on the 2-core dev machine while other builds ran (not timed idle). Two matmul
+# seeds, bit for bit: 21 minutes on the 2-core dev machine (server/demo/README.md has the figures). Two matmul
 # threads, always: the bits depend on it.
 demo-model:
 	RAYON_NUM_THREADS=2 RUSTFLAGS='$(TEST_RUSTFLAGS)' cargo run --release -p server --bin demo_model -- --out server/demo

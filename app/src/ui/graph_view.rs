@@ -215,15 +215,18 @@ fn paint(
     let drawn = draw::draw(&ctx2d, (w, h), g, s, l, vp, &hl, &prob);
     let _ = el.set_attribute("data-drawn", &drawn.to_string());
     let _ = el.set_attribute("data-nodes", &g.nodes.len().to_string());
-    // Screen positions of a few component nodes, for end-to-end tests to hover and click.
+    // Screen positions of a few component nodes and of every node of a pinned component, for
+    // end-to-end tests to hover and click.
+    let on_screen = |i: usize| {
+        let p = vp.to_screen(l.points[i]?);
+        (p.x >= 0.0 && p.y >= 0.0 && p.x <= w && p.y <= h)
+            .then(|| format!("[\"{}\",{:.1},{:.1}]", g.nodes[i].key, p.x, p.y))
+    };
     let probe: Vec<String> = (0..g.nodes.len())
         .filter(|&i| !g.nodes[i].key.starts_with("wte:") && !g.nodes[i].key.starts_with("output:"))
-        .filter_map(|i| {
-            let p = vp.to_screen(l.points[i]?);
-            (p.x >= 0.0 && p.y >= 0.0 && p.x <= w && p.y <= h)
-                .then(|| format!("[\"{}\",{:.1},{:.1}]", g.nodes[i].key, p.x, p.y))
-        })
+        .filter_map(on_screen)
         .take(20)
+        .chain(pinned.iter().filter_map(|&i| on_screen(i)))
         .collect();
     let _ = el.set_attribute("data-probe", &format!("[{}]", probe.join(",")));
 }
