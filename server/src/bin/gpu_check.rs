@@ -4,7 +4,8 @@
 //!
 //! Checks, per fixture and prompt: candle's CUDA backend (lower/upper/pre-sigmoid CI, target logits)
 //! and the fused kernels (dense CI, active entries, per-component CI sums and firing counts) against
-//! the CPU path, within 1e-5. Then the same on the bench-shaped model at 8 × 32 tokens.
+//! the CPU path, within 1e-5. Then the same on the bench-shaped model at 8 × 32 tokens, and
+//! `generate` on the GPU (one worker, then two) against `generate` on the CPU over a small corpus.
 //! Writes `bench_run/` (the bench model as a run), `bench_model.json`, `bench_check.json` and
 //! `rust_timings.json` into `--work` for the PyTorch script.
 
@@ -18,6 +19,9 @@ use server::cuda::{
     CiThresholds, FusedCi, ci_active_entries, ci_pass, output_entries, reference_entries,
     reference_output_entries, sort_entries,
 };
+use server::generate::contexts::ContextParams;
+use server::generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT;
+use server::generate::{GenerateConfig, Input, Progress, Shard};
 use server::model::SpdModel;
 use server::model::gpt2_simple::softmax_last;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
@@ -131,6 +135,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fused = acc.add(&cpu, &gpu, &tokens, sweep_th, args.output_threshold)?;
     ok &= acc.print("bench 8×32", 8);
 
+    ok &= generate_check(&args)?;
+
     // The opt-in fast mode: tf32 matmuls (cuBLAS), same kernels. Reported, not required to pass.
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     let mut tf32 = Compare::default();
@@ -172,6 +178,118 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `generate` over the same corpus on the CPU, on the GPU with one worker and with two: the databases'
+/// rows (prompt, component, max CI, positions) must pair up, max CI within TOL, except rows whose
+/// max CI is within TOL of the threshold.
+fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let model = args.fixtures.join("tiny_shared");
+    let dir = args.work.join("generate");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // The fixtures' vocabulary: `[EOS]`, `[UNK]`, then words w2 … w95.
+    let words: Vec<String> = (2..96).map(|i| format!("w{i}")).collect();
+    let tokenizer = dir.join("tokenizer.json");
+    std::fs::write(
+        &tokenizer,
+        server::generate::synthetic::word_level_tokenizer(&words),
+    )?;
+    let mut rng = Rng::new(3);
+    let docs: Vec<String> = (0..600)
+        .map(|_| {
+            let len = 3 + rng.below(40);
+            (0..len)
+                .map(|_| words[rng.below(words.len())].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, docs.join("\n") + "\n")?;
+    let threshold = 0.01;
+    let run =
+        |name: &str, device: &str, workers: usize| -> Result<Rows, Box<dyn std::error::Error>> {
+            let output = dir.join(format!("{name}.db"));
+            let cfg = GenerateConfig {
+                model: model.clone(),
+                output: output.clone(),
+                input: Input::Corpus {
+                    path: corpus.clone(),
+                    column: None,
+                    tokenizer: Some(tokenizer.clone()),
+                    eos_token: None,
+                    n_ctx: 16,
+                    seed: 42,
+                },
+                n_prompts: None,
+                batch_size: Some(32),
+                thresholds: Thresholds {
+                    ci: threshold,
+                    output_prob: threshold,
+                },
+                contexts: ContextParams::default(),
+                devices: vec![device.to_owned()],
+                workers: Some(workers),
+                shard: Shard::default(),
+                force_new: true,
+                n_blocks: None,
+                progress: Progress::Quiet,
+                context_checkpoint: DEFAULT_CONTEXT_CHECKPOINT,
+                abort_in_batch: None,
+            };
+            server::generate::run(&cfg)?;
+            read_rows(&output)
+        };
+    let want = run("cpu", "cpu", 1)?;
+    println!();
+    println!(
+        "`generate` (fixture tiny_shared, 600 documents, CI and output thresholds {threshold}):\n"
+    );
+    println!("| devices | rows cpu / cuda | rows off | max |Δ max CI| | positions off | ok |");
+    println!("|---|---|---|---|---|---|");
+    let mut ok = true;
+    for workers in [1, 2] {
+        let got = run(&format!("cuda{workers}"), &args.device, workers)?;
+        let (mut off, mut pos_off, mut max_d) = (0, 0, 0f64);
+        let near = |x: f64| (x - f64::from(threshold)).abs() <= f64::from(TOL);
+        for (k, (w_ci, w_pos)) in &want {
+            match got.get(k) {
+                Some((g_ci, g_pos)) => {
+                    max_d = max_d.max((w_ci - g_ci).abs());
+                    pos_off += usize::from(w_pos != g_pos);
+                }
+                None => off += usize::from(!near(*w_ci)),
+            }
+        }
+        off += got
+            .iter()
+            .filter(|(k, (ci, _))| !want.contains_key(*k) && !near(*ci))
+            .count();
+        let row_ok = off == 0 && max_d <= f64::from(TOL) && pos_off == 0;
+        ok &= row_ok;
+        println!(
+            "| {} × {workers} worker(s) | {} / {} | {off} | {max_d:.1e} | {pos_off} | {} |",
+            args.device,
+            want.len(),
+            got.len(),
+            if row_ok { "yes" } else { "**NO**" }
+        );
+    }
+    Ok(ok)
+}
+
+/// `(prompt, component key)` → `(max CI, positions)` of a `generate` database.
+type Rows = std::collections::HashMap<(i64, String), (f64, String)>;
+
+fn read_rows(db: &Path) -> Result<Rows, Box<dyn std::error::Error>> {
+    let conn = server::store::schema::open_read_only(db)?;
+    let mut stmt = conn
+        .prepare("SELECT prompt_id, component_key, max_ci, positions FROM component_activations")?;
+    let rows = stmt
+        .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?))))?
+        .collect::<Result<Rows, _>>()?;
+    Ok(rows)
 }
 
 fn random_tokens(rng: &mut Rng, b: usize, t: usize, vocab: usize) -> Vec<u32> {
