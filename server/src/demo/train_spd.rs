@@ -258,6 +258,17 @@ pub fn train(
             });
         }
         let importance = importance.expect("modules");
+        // KL to the target of the model whose masked modules run through their components.
+        let kl_masked = |masks: &[Option<Tensor>]| -> Result<Tensor> {
+            let logits = target.forward(
+                &x,
+                &mut Masked {
+                    params: &params,
+                    masks,
+                },
+            )?;
+            nn::kl_to_target(&target_logp, &logits)
+        };
         let stochastic = |subset: &[bool], rng: &mut Rng| -> Result<Tensor> {
             let masks: Vec<Option<Tensor>> = lower
                 .iter()
@@ -270,14 +281,7 @@ pub fn train(
                     .transpose()
                 })
                 .collect::<Result<_>>()?;
-            let logits = target.forward(
-                &x,
-                &mut Masked {
-                    params: &params,
-                    masks: &masks,
-                },
-            )?;
-            nn::kl_to_target(&target_logp, &logits)
+            kl_masked(&masks)
         };
         // Uniform-k subset routing: k uniform in 1..=n, then k modules at random.
         let k = 1 + rng.below(n);
@@ -297,27 +301,13 @@ pub fn train(
             + (&faith * spec.faithfulness_coeff)?)?;
         if spec.ci_masked_coeff > 0.0 {
             let masks: Vec<Option<Tensor>> = lower.iter().cloned().map(Some).collect();
-            let logits = target.forward(
-                &x,
-                &mut Masked {
-                    params: &params,
-                    masks: &masks,
-                },
-            )?;
-            loss = (loss + (nn::kl_to_target(&target_logp, &logits)? * spec.ci_masked_coeff)?)?;
+            loss = (loss + (kl_masked(&masks)? * spec.ci_masked_coeff)?)?;
         }
         opt.step(&loss.backward()?, lr, Some(1.0))?;
         if (step + 1) % 50 == 0 || step + 1 == spec.steps {
             // The CI-masked model (mask = CI on every module) on this batch, and active components.
             let masks: Vec<Option<Tensor>> = lower.iter().map(|l| Some(l.detach())).collect();
-            let logits = target.forward(
-                &x,
-                &mut Masked {
-                    params: &params,
-                    masks: &masks,
-                },
-            )?;
-            let kl_ci = nn::scalar(&nn::kl_to_target(&target_logp, &logits)?)?;
+            let kl_ci = nn::scalar(&kl_masked(&masks)?)?;
             let tokens = (spec.batch * block) as f64;
             let mut l0 = 0.0;
             for l in &lower {
