@@ -135,7 +135,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fused = acc.add(&cpu, &gpu, &tokens, sweep_th, args.output_threshold)?;
     ok &= acc.print("bench 8×32", 8);
 
-    ok &= generate_check(&args)?;
+    ok &= generate_check(&args).unwrap_or_else(|e| {
+        println!("\n`generate` on the GPU failed: {}\n", one_line(&*e));
+        false
+    });
 
     // The opt-in fast mode: tf32 matmuls (cuBLAS), same kernels. Reported, not required to pass.
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
@@ -171,7 +174,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
         sweep(&args, &gpu, sweep_th, &args.tf32_batches, "tf32")?;
         candle_core::cuda::set_gemm_reduced_precision_f32(false);
-        graphs(&args, &cpu, &gpu)?;
+        if let Err(e) = graphs(&args, &cpu, &gpu) {
+            println!("graph timing failed: {}\n", one_line(&*e));
+            ok = false;
+        }
     }
     if !ok {
         eprintln!("gpu_check: CPU and CUDA results differ (see the table)");
@@ -484,6 +490,11 @@ fn sweep(
     );
     println!("|---|---|---|---|---|---|");
     let mut rows = vec![];
+    let file = if math == "float32" {
+        "rust_timings.json".to_owned()
+    } else {
+        format!("rust_timings_{math}.json")
+    };
     let mut rng = Rng::new(11);
     for &b in batches {
         let tokens = random_tokens(&mut rng, b, t, gpu.vocab_size());
@@ -498,7 +509,8 @@ fn sweep(
         };
         let mut n_entries = 0;
         let mut device_best = Duration::MAX;
-        let total = time(&mut || {
+        // A batch that does not fit (out of memory) is a result, not the end of the sweep.
+        let total = match time(&mut || {
             dev.synchronize()?;
             let t0 = Instant::now();
             let r = ci_active_entries(gpu, &tokens, th)?;
@@ -506,16 +518,24 @@ fn sweep(
             device_best = device_best.min(r.device_time);
             n_entries = r.entries.len();
             Ok(el)
-        })?;
+        }) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("| {b} | {} | failed: {} | | | |", b * t, one_line(&e));
+                continue;
+            }
+        };
         let unfused = if b <= args.max_unfused_batch {
-            Some(time(&mut || {
+            time(&mut || {
                 dev.synchronize()?;
                 let t0 = Instant::now();
                 let (ci, probs) = server::generate::extract::forward(gpu, &tokens)?;
                 dev.synchronize()?;
                 drop((ci, probs));
                 Ok(t0.elapsed())
-            })?)
+            })
+            .map_err(|e| eprintln!("candle unfused at batch {b}: {}", one_line(&e)))
+            .ok()
         } else {
             None
         };
@@ -533,13 +553,12 @@ fn sweep(
             "total_s": total.as_secs_f64(), "entries": n_entries,
             "unfused_s": unfused.map(|d| d.as_secs_f64()),
         }));
+        // After every batch, so a sweep cut short by the time limit still reaches the PyTorch table.
+        write_json(
+            &args.work.join(&file),
+            &serde_json::Value::Array(rows.clone()),
+        )?;
     }
-    let file = if math == "float32" {
-        "rust_timings.json".to_owned()
-    } else {
-        format!("rust_timings_{math}.json")
-    };
-    write_json(&args.work.join(file), &serde_json::Value::Array(rows))?;
     println!();
     Ok(())
 }
@@ -601,6 +620,11 @@ fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<(), Box<dyn std
     }
     println!();
     Ok(())
+}
+
+/// An error's message on one line, for a table cell.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace(['\n', '|'], " ")
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
