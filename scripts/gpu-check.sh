@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, on a machine with an NVIDIA GPU, its driver and PyTorch with
 # CUDA wheels (no Rust, no network; see /work/shared/GPU.md). Build first on any machine with
-# scripts/build-cuda.sh and bring .cuda/bin/gpu_check along (~50 MB; from a session with a lent GPU:
-# the run tool with carry [".cuda/bin/gpu_check"] and command scripts/gpu-check.sh). About 2-3 minutes.
+# scripts/build-cuda.sh and bring .cuda/bin/gpu_check.gz along (17 MB; the binary itself, 62 MB, is
+# too big to travel with the working tree: from a session with a lent GPU, the run tool with carry
+# [".cuda/bin/gpu_check.gz"] and command scripts/gpu-check.sh). About 4-6 minutes.
 #
 #   scripts/gpu-check.sh [gpu_check flags, e.g. --batches 64,1024 --reps 2]
 #
@@ -16,7 +17,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bin="${GPU_CHECK_BIN:-$repo/.cuda/bin/gpu_check}"
 work="${GPU_CHECK_WORK:-/tmp/spd-gpu-check}"
-[ -x "$bin" ] || { echo "gpu-check: $bin not found (run scripts/build-cuda.sh and carry .cuda/bin)" >&2; exit 2; }
+if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then
+    mkdir -p "$work" && gunzip -c "$bin.gz" > "$work/gpu_check" && chmod +x "$work/gpu_check" && bin="$work/gpu_check"
+fi
+[ -x "$bin" ] || { echo "gpu-check: $bin(.gz) not found (run scripts/build-cuda.sh and carry .cuda/bin/gpu_check.gz)" >&2; exit 2; }
 # The CUDA 13 libraries the binary links (cudart, cublas, nvrtc, curand) come with PyTorch's wheels.
 libs="$(python3 -c 'import nvidia,glob,os;print(":".join(d for r in nvidia.__path__ for d in glob.glob(os.path.join(r,"*","lib"))))')"
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
