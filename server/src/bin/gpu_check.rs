@@ -201,16 +201,7 @@ fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         &tokenizer,
         server::generate::synthetic::word_level_tokenizer(&words),
     )?;
-    let mut rng = Rng::new(3);
-    let docs: Vec<String> = (0..600)
-        .map(|_| {
-            let len = 3 + rng.below(40);
-            (0..len)
-                .map(|_| words[rng.below(words.len())].as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
+    let docs = server::generate::synthetic::random_documents(&words, 600, 40, 3);
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, docs.join("\n") + "\n")?;
     let threshold = 0.01;

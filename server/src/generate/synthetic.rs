@@ -108,6 +108,21 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
     Ok(())
 }
 
+/// `n` documents of 3 to `2 + max_extra` words drawn uniformly from `words`, from `seed`: a corpus for
+/// [`word_level_tokenizer`] runs.
+pub fn random_documents(words: &[String], n: usize, max_extra: usize, seed: u64) -> Vec<String> {
+    let mut rng = crate::model::synthetic::Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let len = 3 + rng.below(max_extra);
+            (0..len)
+                .map(|_| words[rng.below(words.len())].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
 /// A Hugging Face `tokenizer.json` (as text) of a word-level tokenizer: `[EOS]` is id 0, `[UNK]` id 1,
 /// then `words` in order; words are split on whitespace and punctuation.
 pub fn word_level_tokenizer(words: &[String]) -> String {

@@ -11,7 +11,6 @@ use serde_json::Value;
 use server::attribution::Thresholds;
 use server::generate::contexts::ContextParams;
 use server::generate::{GenerateConfig, Input, Progress, Shard};
-use server::model::synthetic::Rng;
 use server::store::{meta, schema};
 
 #[path = "../common/mod.rs"]
@@ -36,17 +35,7 @@ pub fn write_tokenizer(dir: &Path) -> PathBuf {
 
 /// `n` documents of 3–30 random words.
 pub fn documents(n: usize, seed: u64) -> Vec<String> {
-    let words = words();
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| {
-            let len = 3 + rng.below(28);
-            (0..len)
-                .map(|_| words[rng.below(words.len())].as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    server::generate::synthetic::random_documents(&words(), n, 28, seed)
 }
 
 /// One document per line.
