@@ -139,4 +139,10 @@ fn errors_are_one_line_with_status_2() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("0 <= i < N"), "{}", stderr(&out));
+    // tf32 only means something for CUDA matmuls: refused before anything is read.
+    let out = generate(&["--model", "m", "--output", "o", "--dataset", "d", "--tf32"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("--tf32") && err.contains("cuda"), "{err}");
+    assert!(!std::path::Path::new("o").exists());
 }

@@ -99,6 +99,10 @@ struct RunArgs {
     /// Compute workers, spread over --devices in turn [default: one per device].
     #[arg(long)]
     workers: Option<usize>,
+    /// Let cuBLAS use tf32 for float32 matmuls on the CUDA devices: faster on recent cards, a little
+    /// less exact (needs the `cuda` feature; recorded with the run).
+    #[arg(long)]
+    tf32: bool,
     /// Use GPUs cuda:0 … cuda:N-1 (the original's flag; same as --devices).
     #[arg(long, alias = "n_gpus", conflicts_with = "devices")]
     n_gpus: Option<usize>,
@@ -178,6 +182,7 @@ fn config(a: RunArgs) -> Result<GenerateConfig, String> {
         },
         devices,
         workers: a.workers,
+        tf32: a.tf32,
         shard: a.shard,
         force_new: a.force_new,
         n_blocks: a.n_blocks,

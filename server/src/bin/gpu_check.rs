@@ -228,6 +228,7 @@ fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 contexts: ContextParams::default(),
                 devices: vec![device.to_owned()],
                 workers: Some(workers),
+                tf32: false,
                 shard: Shard::default(),
                 force_new: true,
                 n_blocks: None,

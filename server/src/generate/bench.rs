@@ -172,6 +172,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         contexts: ContextParams::default(),
         devices: vec![args.device.clone()],
         workers: None,
+        tf32: false,
         shard: Shard::default(),
         force_new: true,
         n_blocks: None,

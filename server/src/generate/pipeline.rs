@@ -116,6 +116,8 @@ pub struct GenerateConfig {
     pub devices: Vec<String>,
     /// Compute workers, spread over `devices` in turn.
     pub workers: Option<usize>,
+    /// tf32 matmuls on the CUDA devices (see [`crate::device::set_tf32`]); recorded with the run.
+    pub tf32: bool,
     pub shard: Shard,
     /// Start a new database even if `output` holds another run.
     pub force_new: bool,
@@ -182,6 +184,14 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         .iter()
         .map(|d| crate::device::parse_device(d).map_err(GenerateError::Usage))
         .collect::<Result<Vec<_>>>()?;
+    if cfg.tf32 {
+        crate::device::set_tf32(true).map_err(GenerateError::Usage)?;
+        if devices.iter().all(Device::is_cpu) {
+            return Err(GenerateError::Usage(
+                "--tf32 changes CUDA matmuls only; pass --devices cuda:N".into(),
+            ));
+        }
+    }
     let model = SpdModel::load(&cfg.model, &devices[0])?;
     let (source, input_identity, tokenizer) = resolve_input(cfg, &model)?;
     let identity = json!({
@@ -199,6 +209,14 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         "shard": {"index": cfg.shard.index, "count": cfg.shard.count},
         "n_prompts": cfg.n_prompts,
     });
+    // Only when on, so databases written before the flag existed still resume.
+    let identity = if cfg.tf32 {
+        let mut id = identity;
+        id["tf32"] = json!(true);
+        id
+    } else {
+        identity
+    };
 
     if cfg.force_new {
         remove_database(&cfg.output)?;

@@ -120,6 +120,7 @@ pub fn config(model: &Path, output: &Path, input: Input) -> GenerateConfig {
         contexts: ContextParams::default(),
         devices: vec!["cpu".into()],
         workers: None,
+        tf32: false,
         shard: Shard::default(),
         force_new: false,
         n_blocks: None,
