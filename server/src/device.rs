@@ -39,6 +39,15 @@ pub fn set_tf32(on: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The `--tf32` flag: refused without the `cuda` feature, or when none of `devices` is a CUDA device
+/// (it would change nothing); otherwise switches tf32 on.
+pub fn enable_tf32_for(devices: &[Device]) -> Result<(), String> {
+    if candle_core::utils::cuda_is_available() && devices.iter().all(Device::is_cpu) {
+        return Err("--tf32 changes CUDA matmuls only; choose a cuda:N device".into());
+    }
+    set_tf32(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +67,10 @@ mod tests {
     #[test]
     fn tf32_is_refused_without_cuda() {
         assert!(set_tf32(true).unwrap_err().contains("cuda"));
+        assert!(
+            enable_tf32_for(&[Device::Cpu])
+                .unwrap_err()
+                .contains("cuda")
+        );
     }
 }

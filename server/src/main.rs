@@ -115,10 +115,7 @@ fn demo_db_state(db: &Path, sha256: &str) -> DemoDb {
 fn service(args: &Args) -> Result<Service, String> {
     let device = server::device::parse_device(&args.device)?;
     if args.tf32 {
-        server::device::set_tf32(true)?;
-        if device.is_cpu() {
-            return Err("--tf32 changes CUDA matmuls only; pass --device cuda:N".into());
-        }
+        server::device::enable_tf32_for(std::slice::from_ref(&device))?;
     }
     let demo = args.model.is_none();
     let model_path = args.model.clone().unwrap_or_else(|| DEMO_RUN.into());

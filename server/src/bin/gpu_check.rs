@@ -85,10 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "## CPU vs CUDA ({}): max |Δ|/max(1, |x|) (ok ≤ {TOL}; CI sums ≤ {SUM_TOL})\n",
         args.device
     );
-    println!(
-        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    Compare::header();
     let th = CiThresholds {
         active: 0.1,
         firing: 0.0,
@@ -141,17 +138,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     // The opt-in fast mode: tf32 matmuls (cuBLAS), same kernels. Reported, not required to pass.
-    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    server::device::set_tf32(true)?;
     let mut tf32 = Compare::default();
     tf32.add(&cpu, &gpu, &tokens, sweep_th, args.output_threshold)?;
     println!();
     println!("tf32 matmuls (opt-in; agreement with the float32 CPU path, not gated):\n");
-    println!(
-        "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    Compare::header();
     tf32.print("bench 8×32, tf32", 8);
-    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    server::device::set_tf32(false)?;
     let modules: Vec<&str> = gpu.modules.iter().map(|m| m.name.as_str()).collect();
     let g = &gpu.target.cfg;
     let meta = serde_json::json!({
@@ -171,9 +165,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     if !args.skip_timing {
         sweep(&args, &gpu, sweep_th, &args.batches, "float32")?;
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        server::device::set_tf32(true)?;
         sweep(&args, &gpu, sweep_th, &args.tf32_batches, "tf32")?;
-        candle_core::cuda::set_gemm_reduced_precision_f32(false);
+        server::device::set_tf32(false)?;
         if let Err(e) = graphs(&args, &cpu, &gpu) {
             println!("graph timing failed: {}\n", one_line(&*e));
             ok = false;
@@ -244,7 +238,7 @@ fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     println!(
         "`generate` (fixture tiny_shared, 600 documents, CI and output thresholds {threshold}):\n"
     );
-    println!("| devices | rows cpu / cuda | rows off | max |Δ max CI| | positions off | ok |");
+    println!("| devices | rows cpu / cuda | rows off | max Δ max CI | positions off | ok |");
     println!("|---|---|---|---|---|---|");
     let mut ok = true;
     for workers in [1, 2] {
@@ -397,6 +391,13 @@ impl Compare {
         self.outputs_cuda += got_out.len();
         self.outputs_off += entries_off(&want_out, &got_out, output_threshold);
         Ok(fused)
+    }
+
+    fn header() {
+        println!(
+            "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
 
     fn print(&self, name: &str, prompts: usize) -> bool {
@@ -564,7 +565,7 @@ fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<(), Box<dyn std
          the GPU, edges on the host with {} threads)\n",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("| tokens | edges | CI pass s | edges s | total s | max |Δ edge| vs all-CPU |");
+    println!("| tokens | edges | CI pass s | edges s | total s | max Δ edge vs all-CPU |");
     println!("|---|---|---|---|---|---|");
     let th = Thresholds {
         ci: 0.1,

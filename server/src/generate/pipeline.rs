@@ -185,16 +185,11 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         .map(|d| crate::device::parse_device(d).map_err(GenerateError::Usage))
         .collect::<Result<Vec<_>>>()?;
     if cfg.tf32 {
-        crate::device::set_tf32(true).map_err(GenerateError::Usage)?;
-        if devices.iter().all(Device::is_cpu) {
-            return Err(GenerateError::Usage(
-                "--tf32 changes CUDA matmuls only; pass --devices cuda:N".into(),
-            ));
-        }
+        crate::device::enable_tf32_for(&devices).map_err(GenerateError::Usage)?;
     }
     let model = SpdModel::load(&cfg.model, &devices[0])?;
     let (source, input_identity, tokenizer) = resolve_input(cfg, &model)?;
-    let identity = json!({
+    let mut identity = json!({
         "format": 1,
         "model": {
             "path": absolute(&cfg.model).display().to_string(),
@@ -210,13 +205,9 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
         "n_prompts": cfg.n_prompts,
     });
     // Only when on, so databases written before the flag existed still resume.
-    let identity = if cfg.tf32 {
-        let mut id = identity;
-        id["tf32"] = json!(true);
-        id
-    } else {
-        identity
-    };
+    if cfg.tf32 {
+        identity["tf32"] = json!(true);
+    }
 
     if cfg.force_new {
         remove_database(&cfg.output)?;
