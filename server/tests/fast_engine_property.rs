@@ -1,8 +1,8 @@
 //! Property test: on random small models (random shapes, all three CI-fn types, random prompts and
-//! thresholds) the fast engine gives the reference engine's edges: same set, same order, values within
-//! 1e-4 of the largest |edge|.
+//! thresholds) the fast engine, on both backends, gives the reference engine's edges: same set, same
+//! order, values within 1e-4 of the largest |edge|.
 
-use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds, reference_graph};
+use server::attribution::{Backend, FastEngine, PromptCi, SourceMap, Thresholds, reference_graph};
 use server::model::config::CiFnType;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
 
@@ -27,7 +27,6 @@ fn fast_engine_equals_reference_on_random_models() {
         };
         let model = synthetic_model(&spec).unwrap();
         let sources = SourceMap::probe(&model).unwrap();
-        let fast = FastEngine::new(&model, &sources).unwrap();
         let len = 1 + rng.below(10);
         let tokens: Vec<u32> = (0..len)
             .map(|_| rng.below(spec.vocab_size) as u32)
@@ -38,40 +37,44 @@ fn fast_engine_equals_reference_on_random_models() {
         };
         let ci = PromptCi::compute(&model, &tokens).unwrap();
         let want = reference_graph(&model, &sources, &ci, th).unwrap();
-        let got = fast.graph(&model, &ci, th).unwrap();
-        let what = format!("case {case}: {spec:?} tokens {tokens:?} {th:?}");
-        assert_eq!(got.edges.len(), want.edges.len(), "{what}");
-        let scale = want
-            .edges
-            .iter()
-            .fold(0f64, |m, e| m.max(e.value.abs()))
-            .max(1e-12);
-        for (g, w) in got.edges.iter().zip(&want.edges) {
-            assert_eq!(
-                (
-                    g.source,
-                    g.target,
-                    g.c_in,
-                    g.c_out,
-                    g.s_in,
-                    g.s_out,
-                    g.is_cross_seq
-                ),
-                (
-                    w.source,
-                    w.target,
-                    w.c_in,
-                    w.c_out,
-                    w.s_in,
-                    w.s_out,
-                    w.is_cross_seq
-                ),
-                "{what}"
-            );
-            assert!(
-                (g.value - w.value).abs() <= 1e-4 * scale,
-                "{what}: {g:?} vs {w:?}"
-            );
+        for backend in [Backend::Host, Backend::Tensor] {
+            let fast = FastEngine::with_backend(&model, &sources, backend).unwrap();
+            let got = fast.graph(&model, &ci, th).unwrap();
+            assert_eq!(got.masked_probs, want.masked_probs);
+            let what = format!("case {case} {backend:?}: {spec:?} tokens {tokens:?} {th:?}");
+            assert_eq!(got.edges.len(), want.edges.len(), "{what}");
+            let scale = want
+                .edges
+                .iter()
+                .fold(0f64, |m, e| m.max(e.value.abs()))
+                .max(1e-12);
+            for (g, w) in got.edges.iter().zip(&want.edges) {
+                assert_eq!(
+                    (
+                        g.source,
+                        g.target,
+                        g.c_in,
+                        g.c_out,
+                        g.s_in,
+                        g.s_out,
+                        g.is_cross_seq
+                    ),
+                    (
+                        w.source,
+                        w.target,
+                        w.c_in,
+                        w.c_out,
+                        w.s_in,
+                        w.s_out,
+                        w.is_cross_seq
+                    ),
+                    "{what}"
+                );
+                assert!(
+                    (g.value - w.value).abs() <= 1e-4 * scale,
+                    "{what}: {g:?} vs {w:?}"
+                );
+            }
         }
         total_edges += want.edges.len();
     }
@@ -95,17 +98,19 @@ fn full_context_prompt_runs_and_longer_is_refused() {
         ci: 0.5,
         output_prob: 0.2,
     };
-    let fast = FastEngine::new(&model, &sources)
-        .unwrap()
-        .graph(&model, &ci, th)
-        .unwrap();
     let reference = reference_graph(&model, &sources, &ci, th).unwrap();
-    assert_eq!(fast.edges.len(), reference.edges.len());
-    assert!(
-        fast.edges
-            .iter()
-            .any(|e| e.s_out == 63 && e.s_in < 63 && e.is_cross_seq)
-    );
+    for backend in [Backend::Host, Backend::Tensor] {
+        let fast = FastEngine::with_backend(&model, &sources, backend)
+            .unwrap()
+            .graph(&model, &ci, th)
+            .unwrap();
+        assert_eq!(fast.edges.len(), reference.edges.len(), "{backend:?}");
+        assert!(
+            fast.edges
+                .iter()
+                .any(|e| e.s_out == 63 && e.s_in < 63 && e.is_cross_seq)
+        );
+    }
     let mut longer = tokens.clone();
     longer.push(1);
     let err = PromptCi::compute(&model, &longer).unwrap_err().to_string();

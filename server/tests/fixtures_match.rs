@@ -7,7 +7,8 @@ use candle_core::Device;
 use common::*;
 use serde_json::{Value, json};
 use server::attribution::{
-    FastEngine, PromptCi, SourceMap, Thresholds, normalize_by_target, reference_graph, report,
+    Backend, FastEngine, PromptCi, SourceMap, Thresholds, normalize_by_target, reference_graph,
+    report,
 };
 use server::model::SpdModel;
 
@@ -41,7 +42,8 @@ fn check_fixture(name: &str, checkpoint: &str) {
     let path = fixture_dir(name).join(checkpoint);
     let model = SpdModel::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     let sources = SourceMap::probe(&model).unwrap();
-    let fast = FastEngine::new(&model, &sources).unwrap();
+    let engines = [Backend::Host, Backend::Tensor]
+        .map(|b| FastEngine::with_backend(&model, &sources, b).unwrap());
     assert_eq!(
         report::sources_json(&model, &sources),
         exp["meta"]["sources_by_target"],
@@ -102,36 +104,37 @@ fn check_fixture(name: &str, checkpoint: &str) {
                     .collect::<Vec<_>>()
             );
             edge_err = edge_err.max(compare_edges(&raw, &attr["edges"], EDGE_REL_TOL, &what));
-            // The fast engine: same edges in the same order, values within tolerance.
-            let fast_graph = fast.graph(&model, &ci, th).unwrap();
-            let fast_raw = json!(
-                fast_graph
-                    .edges
-                    .iter()
-                    .map(|e| report::edge_tuple(&model, e))
-                    .collect::<Vec<_>>()
-            );
-            fast_err = fast_err.max(compare_edges(
-                &fast_raw,
-                &attr["edges"],
-                EDGE_REL_TOL,
-                &format!("{what} fast"),
-            ));
-            let keys = |v: &Value| {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(edge_key)
-                    .collect::<Vec<_>>()
-            };
-            assert!(
-                keys(&fast_raw) == keys(&raw),
-                "{what}: fast engine edge order differs"
-            );
-            assert_eq!(
-                fast_graph.masked_probs, graph.masked_probs,
-                "{what}: masked probs"
-            );
+            // The fast engine on both backends: same edges in the same order, values within
+            // tolerance.
+            for fast in &engines {
+                let fast_graph = fast.graph(&model, &ci, th).unwrap();
+                let fast_raw = json!(
+                    fast_graph
+                        .edges
+                        .iter()
+                        .map(|e| report::edge_tuple(&model, e))
+                        .collect::<Vec<_>>()
+                );
+                let what = format!("{what} fast ({:?})", fast.backend());
+                fast_err = fast_err.max(compare_edges(
+                    &fast_raw,
+                    &attr["edges"],
+                    EDGE_REL_TOL,
+                    &what,
+                ));
+                let keys = |v: &Value| {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(edge_key)
+                        .collect::<Vec<_>>()
+                };
+                assert!(keys(&fast_raw) == keys(&raw), "{what}: edge order differs");
+                assert_eq!(
+                    fast_graph.masked_probs, graph.masked_probs,
+                    "{what}: masked probs"
+                );
+            }
             let norm = json!(
                 normalize_by_target(&graph.edges)
                     .iter()
@@ -189,7 +192,7 @@ fn check_fixture(name: &str, checkpoint: &str) {
         "{name}/{checkpoint}: logits/probs error {logit_err:e}"
     );
     eprintln!(
-        "{name}/{checkpoint}: max |ΔCI| {ci_err:.2e}, max |Δlogit/prob| {logit_err:.2e}, max edge error {edge_err:.2e} (fast engine {fast_err:.2e}) of max |edge|"
+        "{name}/{checkpoint}: max |ΔCI| {ci_err:.2e}, max |Δlogit/prob| {logit_err:.2e}, max edge error {edge_err:.2e} (fast engine, both backends {fast_err:.2e}) of max |edge|"
     );
 }
 

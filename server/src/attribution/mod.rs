@@ -9,7 +9,7 @@ pub mod prompt;
 pub mod sources;
 
 pub use active::{ActiveEntry, extract_active};
-pub use fast::FastEngine;
+pub use fast::{Backend, FastEngine};
 pub use graph::{Edge, Graph, Thresholds, reference_graph};
 pub use layer::Layer;
 pub use normalize::normalize_by_target;

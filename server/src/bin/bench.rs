@@ -6,7 +6,9 @@
 use std::time::Instant;
 
 use clap::Parser;
-use server::attribution::{FastEngine, Graph, PromptCi, SourceMap, Thresholds, reference_graph};
+use server::attribution::{
+    Backend, FastEngine, Graph, PromptCi, SourceMap, Thresholds, reference_graph,
+};
 use server::model::SpdModel;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
 
@@ -51,7 +53,7 @@ fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-fn assert_same_edges(fast: &Graph, reference: &Graph) {
+fn assert_same_edges(fast: &Graph, reference: &Graph, what: &str) {
     assert_eq!(fast.edges.len(), reference.edges.len(), "edge count");
     let scale = reference
         .edges
@@ -68,10 +70,10 @@ fn assert_same_edges(fast: &Graph, reference: &Graph) {
     }
     assert!(
         max_rel <= 1e-4,
-        "values differ by {max_rel:e} of the largest |edge|"
+        "{what}: values differ by {max_rel:e} of the largest |edge|"
     );
     println!(
-        "  check: fast == reference ({} edges, max difference {max_rel:.1e} of max |edge|)",
+        "  check: {what} ({} edges, max difference {max_rel:.1e} of max |edge|)",
         fast.edges.len()
     );
 }
@@ -83,7 +85,10 @@ fn main() {
     let t = Instant::now();
     let model: SpdModel = synthetic_model(&spec).expect("build the bench model");
     let sources = SourceMap::probe(&model).expect("probe sources");
-    let fast = FastEngine::new(&model, &sources).expect("fast engine");
+    let fast = FastEngine::with_backend(&model, &sources, Backend::Host).expect("fast engine");
+    // The GPU's backend, run here on the CPU: how much the batching costs where it is not needed.
+    let tensor =
+        FastEngine::with_backend(&model, &sources, Backend::Tensor).expect("tensor backend");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "built in {:.1} s; {threads} threads",
@@ -96,12 +101,13 @@ fn main() {
     let tokens = prompt(args.tokens, &mut rng);
 
     println!(
-        "\n{:>10} {:>8} {:>10} {:>10} {:>10} {:>8} {:>12} {:>9} {:>9}",
+        "\n{:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>9} {:>9}",
         "ci_thr",
         "tokens",
         "edges",
         "ci_pass_s",
         "fast_s",
+        "tensor_s",
         "ref_s",
         "ref/fast",
         "edges/s",
@@ -123,6 +129,15 @@ fn main() {
         });
         let graph = graph.expect("ran at least once");
         let fast_peak = peak_mib();
+        let mut on_tensors = None;
+        let tensor_s = median_secs(args.reps, || {
+            on_tensors = Some(tensor.graph(&model, &ci, th).expect("tensor graph"))
+        });
+        assert_same_edges(
+            &on_tensors.expect("ran at least once"),
+            &graph,
+            "tensor backend == host backend",
+        );
         let (ref_s, ratio) = if args.skip_reference {
             (f64::NAN, f64::NAN)
         } else {
@@ -133,18 +148,19 @@ fn main() {
                 "  reference: {} backward passes",
                 reference.n_backward_passes
             );
-            assert_same_edges(&graph, &reference);
+            assert_same_edges(&graph, &reference, "fast == reference");
             (s, s / fast_s)
         };
         let n_edges = graph.edges.len();
         let cross = graph.edges.iter().filter(|e| e.is_cross_seq).count();
         println!(
-            "{:>10} {:>8} {:>10} {:>10.4} {:>10.4} {:>8.2} {:>12.1} {:>9.2e} {:>9.0}",
+            "{:>10} {:>8} {:>10} {:>10.4} {:>10.4} {:>10.4} {:>8.2} {:>12.1} {:>9.2e} {:>9.0}",
             ci_thr,
             tokens.len(),
             n_edges,
             ci_s,
             fast_s,
+            tensor_s,
             ref_s,
             ratio,
             n_edges as f64 / fast_s,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds};
+use server::attribution::{Backend, FastEngine, PromptCi, SourceMap, Thresholds};
 use server::cuda::{
     CiThresholds, FusedCi, ci_active_entries, ci_pass, output_entries, reference_entries,
     reference_output_entries, sort_entries,
@@ -22,9 +22,9 @@ use server::cuda::{
 use server::generate::contexts::ContextParams;
 use server::generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT;
 use server::generate::{GenerateConfig, Input, Progress, Shard};
-use server::model::SpdModel;
 use server::model::gpt2_simple::softmax_last;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+use server::model::{RunError, SpdModel};
 
 /// CPU-vs-CUDA equality on the fixtures, then the CI-pass timing sweep.
 #[derive(Parser, Debug)]
@@ -60,7 +60,7 @@ struct Args {
     /// Output-probability threshold of the fused softmax + compaction check.
     #[arg(long, default_value_t = 0.01)]
     output_threshold: f32,
-    /// Prompt lengths of the graph timing (CI pass on the GPU, edges by the host fast engine).
+    /// Prompt lengths of the graph timing.
     #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
     graph_tokens: Vec<usize>,
     /// Batch sizes of the tf32 timing (the agreement check always runs).
@@ -72,6 +72,8 @@ struct Args {
 
 /// Values: |a − b| ≤ TOL · max(1, |a|) (absolute for CI, relative for large logits).
 const TOL: f32 = 1e-5;
+/// Graph edges: |Δ| ≤ EDGE_TOL · max |edge| (the fast engine's tolerance against the reference).
+const EDGE_TOL: f64 = 1e-4;
 /// Per-component CI sums over many tokens: summation order (atomics) differs from the CPU's.
 const SUM_TOL: f32 = 1e-4;
 
@@ -100,10 +102,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gpu = SpdModel::load(dir, &dev)?;
         let prompts: Vec<Vec<u32>> =
             serde_json::from_slice(&std::fs::read(dir.join("prompts.json"))?)?;
+        let cpu_engine = FastEngine::new(&cpu, &SourceMap::probe(&cpu)?)?;
+        let gpu_engine = FastEngine::new(&gpu, &SourceMap::probe(&gpu)?)?;
+        let graph_th = Thresholds {
+            ci: th.active,
+            output_prob: args.output_threshold,
+        };
         let mut acc = Compare::default();
         for p in &prompts {
             let tokens = Tensor::from_slice(p, (1, p.len()), &Device::Cpu)?;
             acc.add(&cpu, &gpu, &tokens, th, args.output_threshold)?;
+            acc.add_graph((&cpu, &cpu_engine), (&gpu, &gpu_engine), p, graph_th)?;
         }
         let name = dir
             .file_name()
@@ -317,6 +326,13 @@ struct Compare {
     outputs_cuda: usize,
     /// Output entries (softmax ≥ threshold) that do not pair up, as `entries_off`.
     outputs_off: usize,
+    /// Graphs compared (fixtures only): the GPU's tensor backend against the CPU's fast engine.
+    graphs: usize,
+    edges: usize,
+    /// Graphs whose edges differ in number, order or endpoints.
+    graphs_off: usize,
+    /// Largest |Δ edge| / max |edge| of a graph.
+    edge_rel: f64,
 }
 
 impl Compare {
@@ -393,11 +409,45 @@ impl Compare {
         Ok(fused)
     }
 
+    /// Compares one prompt's graph: the fast engine on the CPU and its tensor backend on the GPU.
+    fn add_graph(
+        &mut self,
+        (cpu, cpu_engine): (&SpdModel, &FastEngine),
+        (gpu, gpu_engine): (&SpdModel, &FastEngine),
+        tokens: &[u32],
+        th: Thresholds,
+    ) -> Result<(), RunError> {
+        let want = cpu_engine.graph(cpu, &PromptCi::compute(cpu, tokens)?, th)?;
+        let got = gpu_engine.graph(gpu, &PromptCi::compute(gpu, tokens)?, th)?;
+        self.graphs += 1;
+        self.edges += want.edges.len();
+        let key =
+            |e: &server::attribution::Edge| (e.source, e.target, e.c_in, e.c_out, e.s_in, e.s_out);
+        if want.edges.len() != got.edges.len()
+            || want
+                .edges
+                .iter()
+                .zip(&got.edges)
+                .any(|(a, b)| key(a) != key(b))
+        {
+            self.graphs_off += 1;
+            return Ok(());
+        }
+        let scale = want
+            .edges
+            .iter()
+            .fold(1e-30f64, |m, e| m.max(e.value.abs()));
+        for (a, b) in want.edges.iter().zip(&got.edges) {
+            self.edge_rel = self.edge_rel.max((a.value - b.value).abs() / scale);
+        }
+        Ok(())
+    }
+
     fn header() {
         println!(
-            "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | ok |"
+            "| model | prompts | candle CI | candle logits | fused CI | fused logits | entries cpu/cuda | entries off | Δ sum | firing off | outputs cpu/cuda | outputs off | graph edges | graphs off | Δ edge / max | ok |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
 
     fn print(&self, name: &str, prompts: usize) -> bool {
@@ -408,9 +458,20 @@ impl Compare {
             && self.entries_off == 0
             && self.sum_rel <= SUM_TOL
             && self.firing_off == 0
-            && self.outputs_off == 0;
+            && self.outputs_off == 0
+            && self.graphs_off == 0
+            && self.edge_rel <= EDGE_TOL;
+        let (edges, graphs_off, edge_rel) = if self.graphs == 0 {
+            ("–".to_string(), "–".to_string(), "–".to_string())
+        } else {
+            (
+                self.edges.to_string(),
+                self.graphs_off.to_string(),
+                format!("{:.1e}", self.edge_rel),
+            )
+        };
         println!(
-            "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {}/{} | {} | {} |",
+            "| {name} | {prompts} | {:.1e} | {:.1e} | {:.1e} | {:.1e} | {}/{} | {} | {:.1e} | {} | {}/{} | {} | {edges} | {graphs_off} | {edge_rel} | {} |",
             self.candle_ci,
             self.candle_logits,
             self.fused_ci,
@@ -557,58 +618,106 @@ fn sweep(
 }
 
 /// Times one prompt's graph on the bench-shaped model as the server computes it with `--device
-/// cuda:N`: CI pass and masked forward on the GPU, the local Jacobians and edges by the fast engine on
-/// the host (it has no device path yet). Checks the edges against the all-CPU graph of the prompt.
+/// cuda:N` (the fast engine's tensor backend on the GPU), next to the host backend fed by the GPU's
+/// forward and to the all-CPU graph, and checks both GPU graphs' edges against the all-CPU one.
 fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<(), Box<dyn std::error::Error>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "## One prompt's graph on the bench-shaped model (CI ≥ 0.1, output ≥ 0.01; CI pass and forward on \
-         the GPU, edges on the host with {} threads)\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "## One prompt's graph on the bench-shaped model (CI ≥ 0.1, output ≥ 0.01; median of 3 after a \
+         warm-up)\n\n\
+         GPU = what the server runs with `--device cuda:0`: CI pass, masked forward and the fast engine's \
+         tensor backend on the card, edges read back once. \"GPU + host\": the same CI pass and forward \
+         on the card, Jacobians by the host backend on {threads} threads. CPU: everything on the host.\n"
     );
-    println!("| tokens | edges | CI pass s | edges s | total s | max Δ edge vs all-CPU |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| tokens | edges | CI pass s (GPU) | edges s (GPU) | total s (GPU) | edges s (GPU + host) | \
+         total s (all CPU) | CPU / GPU | max Δ edge / max edge (GPU, GPU + host) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let th = Thresholds {
         ci: 0.1,
         output_prob: 0.01,
     };
     let cpu_engine = FastEngine::new(cpu, &SourceMap::probe(cpu)?)?;
-    let engine = FastEngine::new(gpu, &SourceMap::probe(gpu)?)?;
+    let gpu_sources = SourceMap::probe(gpu)?;
+    let engine = FastEngine::with_backend(gpu, &gpu_sources, Backend::Tensor)?;
+    let host_engine = FastEngine::with_backend(gpu, &gpu_sources, Backend::Host)?;
+    let median3 = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| {
+        f()?;
+        let mut t = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            f()?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        t.sort_by(f64::total_cmp);
+        Ok::<_, Box<dyn std::error::Error>>(t[1])
+    };
     let mut rng = Rng::new(13);
     for &n in &args.graph_tokens {
         if n > cpu.block_size() {
             println!(
-                "| {n} | longer than the context ({}) | | | | |",
+                "| {n} | longer than the context ({}) | | | | | | | |",
                 cpu.block_size()
             );
             continue;
         }
         let tokens = random_tokens(&mut rng, 1, n, cpu.vocab_size());
-        let t0 = Instant::now();
+        let ci_s = median3(&mut || {
+            PromptCi::compute(gpu, &tokens)?;
+            Ok(())
+        })?;
         let ci = PromptCi::compute(gpu, &tokens)?;
-        let ci_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let graph = engine.graph(gpu, &ci, th)?;
-        let edges_s = t1.elapsed().as_secs_f64();
-        let want = cpu_engine.graph(cpu, &PromptCi::compute(cpu, &tokens)?, th)?;
-        let max_diff = if want.edges.len() == graph.edges.len() {
+        let mut graph = None;
+        let edges_s = median3(&mut || {
+            graph = Some(engine.graph(gpu, &ci, th)?);
+            Ok(())
+        })?;
+        let graph = graph.expect("timed at least once");
+        let mut host_graph = None;
+        let host_s = median3(&mut || {
+            host_graph = Some(host_engine.graph(gpu, &ci, th)?);
+            Ok(())
+        })?;
+        let host_graph = host_graph.expect("timed at least once");
+        let mut want = None;
+        let cpu_s = median3(&mut || {
+            want = Some(cpu_engine.graph(cpu, &PromptCi::compute(cpu, &tokens)?, th)?);
+            Ok(())
+        })?;
+        let want = want.expect("timed at least once");
+        let diff = |got: &server::attribution::Graph| {
+            let same_keys = got.edges.len() == want.edges.len()
+                && got.edges.iter().zip(&want.edges).all(|(a, b)| {
+                    (a.source, a.target, a.c_in, a.c_out, a.s_in, a.s_out)
+                        == (b.source, b.target, b.c_in, b.c_out, b.s_in, b.s_out)
+                });
+            if !same_keys {
+                return format!(
+                    "edges differ ({} vs {} on the CPU)",
+                    got.edges.len(),
+                    want.edges.len()
+                );
+            }
+            let scale = want
+                .edges
+                .iter()
+                .fold(1e-30f64, |m, e| m.max(e.value.abs()));
             let d = want
                 .edges
                 .iter()
-                .zip(&graph.edges)
+                .zip(&got.edges)
                 .map(|(a, b)| (a.value - b.value).abs())
                 .fold(0.0f64, f64::max);
-            format!("{d:.1e}")
-        } else {
-            format!(
-                "edge counts differ: {} vs {}",
-                want.edges.len(),
-                graph.edges.len()
-            )
+            format!("{:.1e}", d / scale)
         };
+        let total = ci_s + edges_s;
         println!(
-            "| {n} | {} | {ci_s:.4} | {edges_s:.4} | {:.4} | {max_diff} |",
+            "| {n} | {} | {ci_s:.4} | {edges_s:.4} | {total:.4} | {host_s:.4} | {cpu_s:.4} | {:.1}× | {}, {} |",
             graph.edges.len(),
-            ci_s + edges_s
+            cpu_s / total,
+            diff(&graph),
+            diff(&host_graph),
         );
     }
     println!();

@@ -8,6 +8,8 @@
 //! restricted to alive rows and columns.
 
 mod host;
+mod record;
+pub mod tensor;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,14 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::Tensor;
 
 use self::host::{LnBackward, Mat, dot, gelu_tanh_grad};
+use self::record::Recorded;
 use super::graph::{Edge, Graph, Thresholds, alive_nodes};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
-use crate::model::gpt2_simple::{
-    LN_EPS, Linear, LinearHook, LnSite, ModuleId, ModuleKind, PlainForward, softmax_last,
-    tokens_tensor,
-};
+use crate::model::gpt2_simple::{LN_EPS, LnSite, ModuleId, ModuleKind, softmax_last};
 use crate::model::{RunError, SpdModel};
 
 /// How a target layer's edges are computed.
@@ -44,22 +44,64 @@ struct TargetPlan {
     sources: Vec<Source>,
 }
 
-/// Host copies of the weights the local Jacobians use, and the per-target plan. Build once per model.
-pub struct FastEngine {
-    plans: Vec<TargetPlan>,
+/// Which hardware runs the closed forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Loops over host copies of the weights, split into (target, position) units across threads:
+    /// touches only alive rows and columns, the fastest choice on a CPU.
+    Host,
+    /// Batched tensor ops on the model's device (see [`tensor`]); the edges are gathered there and
+    /// read back once. The choice for a GPU; on a CPU it runs too (that is how it is tested).
+    Tensor,
+}
+
+impl Backend {
+    /// The backend for a model on `device`: tensors on accelerators, host loops on the CPU.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::Host
+        } else {
+            Self::Tensor
+        }
+    }
+}
+
+/// Host copies of the weights the host backend's loops read.
+struct HostWeights {
     /// Per decomposed module: `U` (`[C, d_out]`) and `Vᵀ` (`[C, d_in]`).
     u: Vec<Mat>,
     vt: Vec<Mat>,
     /// `[vocab, d]`
     lm_head: Mat,
+}
+
+enum Weights {
+    Host(HostWeights),
+    Tensor(tensor::TensorWeights),
+}
+
+/// The per-target plan and the weights its backend reads. Build once per model.
+pub struct FastEngine {
+    plans: Vec<TargetPlan>,
+    weights: Weights,
     n_head: usize,
     head_dim: usize,
 }
 
 impl FastEngine {
-    /// Plans the closed forms for `model`. Refuses (with the reason) models whose structure they do
-    /// not cover: every block must have all six projections decomposed, so each edge is one hop.
+    /// Plans the closed forms for `model`, on the backend that suits its device. Refuses (with the
+    /// reason) models whose structure they do not cover: every block must have all six projections
+    /// decomposed, so each edge is one hop.
     pub fn new(model: &SpdModel, sources: &SourceMap) -> Result<Self, String> {
+        Self::with_backend(model, sources, Backend::for_device(model.device()))
+    }
+
+    /// [`Self::new`] on a chosen backend.
+    pub fn with_backend(
+        model: &SpdModel,
+        sources: &SourceMap,
+        backend: Backend,
+    ) -> Result<Self, String> {
         for block in 0..model.target.blocks.len() {
             for kind in ModuleKind::ALL {
                 let id = ModuleId { block, kind };
@@ -147,21 +189,38 @@ impl FastEngine {
                 sources: srcs.clone(),
             });
         }
-        let host = |t: &Tensor| Mat::from_tensor(t).map_err(|e| e.to_string());
-        let mut u = Vec::new();
-        let mut vt = Vec::new();
-        for m in &model.modules {
-            u.push(host(&m.components.u)?);
-            vt.push(host(&m.components.v)?.transpose());
-        }
+        let weights = match backend {
+            Backend::Host => {
+                let host = |t: &Tensor| Mat::from_tensor(t).map_err(|e| e.to_string());
+                let mut u = Vec::new();
+                let mut vt = Vec::new();
+                for m in &model.modules {
+                    u.push(host(&m.components.u)?);
+                    vt.push(host(&m.components.v)?.transpose());
+                }
+                Weights::Host(HostWeights {
+                    u,
+                    vt,
+                    lm_head: host(&model.target.lm_head_t)?.transpose(),
+                })
+            }
+            Backend::Tensor => Weights::Tensor(
+                tensor::TensorWeights::new(model, &plans).map_err(|e| e.to_string())?,
+            ),
+        };
         Ok(Self {
             plans,
-            u,
-            vt,
-            lm_head: host(&model.target.lm_head_t)?.transpose(),
+            weights,
             n_head: model.target.cfg.n_head,
             head_dim: model.target.cfg.head_dim(),
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.weights {
+            Weights::Host(_) => Backend::Host,
+            Weights::Tensor(_) => Backend::Tensor,
+        }
     }
 
     /// The attribution graph of one prompt; same edges, same order as the reference engine.
@@ -184,9 +243,33 @@ impl FastEngine {
         progress: &dyn Fn(usize, usize),
     ) -> Result<Graph, RunError> {
         let rec = Recorded::run(model, ci)?;
-        let masked_logits = rec.logits.to_rows();
-        let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits_tensor)?)?.to_rows();
+        let masked_logits = Mat::from_tensor(&rec.logits)?.to_rows();
+        let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits)?)?.to_rows();
         let alive = alive_nodes(ci, &masked_probs, th);
+        let edges = match &self.weights {
+            Weights::Host(w) => self.host_edges(w, model, ci, &rec, &alive, progress)?,
+            Weights::Tensor(w) => tensor::edges(&self.plans, w, ci, &rec, &alive, progress)?,
+        };
+        Ok(Graph {
+            edges,
+            masked_probs,
+            masked_logits,
+            alive,
+            n_backward_passes: 0,
+        })
+    }
+
+    /// The host backend: (target, position) units over threads, joined in the reference's order.
+    fn host_edges(
+        &self,
+        weights: &HostWeights,
+        model: &SpdModel,
+        ci: &PromptCi,
+        rec: &Recorded,
+        alive: &[Vec<Vec<u32>>],
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Vec<Edge>, RunError> {
+        let rec = HostRecord::new(rec)?;
         let n = model.modules.len();
         // a' ⊙ mask: the factor every edge from a component source carries.
         let coef: Vec<Mat> = rec
@@ -203,9 +286,10 @@ impl FastEngine {
             .collect();
         let ctx = Ctx {
             engine: self,
+            weights,
             model,
             rec: &rec,
-            alive: &alive,
+            alive,
             coef: &coef,
             n,
         };
@@ -264,13 +348,7 @@ impl FastEngine {
                 }
             }
         });
-        Ok(Graph {
-            edges,
-            masked_probs,
-            masked_logits,
-            alive,
-            n_backward_passes: 0,
-        })
+        Ok(edges)
     }
 }
 
@@ -283,100 +361,36 @@ impl Mat {
     }
 }
 
-/// What one CI-masked forward of the component model records for the local Jacobians.
-struct Recorded {
-    /// `wte[t]`, `[T, d]`
+/// [`Recorded`] copied to the host, for the host backend's loops.
+struct HostRecord {
     embed: Mat,
-    /// Outputs of every projection (masked component outputs where decomposed), `[T, d_out]`.
     outputs: HashMap<ModuleId, Mat>,
-    /// Component acts `x V` of every decomposed module, `[T, C]`.
     acts: Vec<Mat>,
-    /// The residual stream entering each LayerNorm, `[T, d]`.
     residual: Vec<(LnSite, Mat)>,
     /// Per block, attention probabilities `[H][T][T]` flattened.
     probs: Vec<Vec<f32>>,
-    logits: Mat,
-    logits_tensor: Tensor,
 }
 
-impl Recorded {
-    fn run(model: &SpdModel, ci: &PromptCi) -> Result<Self, RunError> {
-        struct Hook<'a> {
-            model: &'a SpdModel,
-            masks: &'a [Tensor],
-            embed: Option<Tensor>,
-            outputs: Vec<(ModuleId, Tensor)>,
-            acts: Vec<Option<Tensor>>,
-            residual: Vec<(LnSite, Tensor)>,
-            probs: Vec<Tensor>,
-        }
-        impl LinearHook for Hook<'_> {
-            fn embed(&mut self, e: Tensor) -> candle_core::Result<Tensor> {
-                self.embed = Some(e.clone());
-                Ok(e)
-            }
-            fn linear(
-                &mut self,
-                id: ModuleId,
-                x: &Tensor,
-                linear: &Linear,
-            ) -> candle_core::Result<Tensor> {
-                let out = match self.model.module_index(id) {
-                    Some(i) => {
-                        let comps = &self.model.modules[i].components;
-                        let acts = comps.inner_acts(x)?;
-                        let out = comps.masked_output(&acts, &self.masks[i])?;
-                        self.acts[i] = Some(acts);
-                        out
-                    }
-                    None => PlainForward.linear(id, x, linear)?,
-                };
-                self.outputs.push((id, out.clone()));
-                Ok(out)
-            }
-            fn residual(&mut self, site: LnSite, x: &Tensor) -> candle_core::Result<()> {
-                self.residual.push((site, x.clone()));
-                Ok(())
-            }
-            fn attention_probs(
-                &mut self,
-                _block: usize,
-                probs: &Tensor,
-            ) -> candle_core::Result<()> {
-                self.probs.push(probs.clone());
-                Ok(())
-            }
-        }
-        let mut hook = Hook {
-            model,
-            masks: &ci.lower_tensors,
-            embed: None,
-            outputs: vec![],
-            acts: vec![None; model.modules.len()],
-            residual: vec![],
-            probs: vec![],
-        };
-        let tokens = tokens_tensor(&ci.tokens, model.device())?;
-        let logits = model.target.forward(&tokens, &mut hook)?;
-        let outputs = hook
-            .outputs
-            .iter()
-            .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
-            .collect::<candle_core::Result<_>>()?;
+impl HostRecord {
+    fn new(rec: &Recorded) -> candle_core::Result<Self> {
         Ok(Self {
-            embed: Mat::from_tensor(&hook.embed.expect("the forward embeds"))?,
-            outputs,
-            acts: hook
+            embed: Mat::from_tensor(&rec.embed)?,
+            outputs: rec
+                .outputs
+                .iter()
+                .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
+                .collect::<candle_core::Result<_>>()?,
+            acts: rec
                 .acts
                 .iter()
-                .map(|a| Mat::from_tensor(a.as_ref().expect("every module runs")))
+                .map(Mat::from_tensor)
                 .collect::<candle_core::Result<_>>()?,
-            residual: hook
+            residual: rec
                 .residual
                 .iter()
                 .map(|(s, t)| Ok((*s, Mat::from_tensor(t)?)))
                 .collect::<candle_core::Result<_>>()?,
-            probs: hook
+            probs: rec
                 .probs
                 .iter()
                 .map(|p| {
@@ -385,8 +399,6 @@ impl Recorded {
                         .to_vec1()
                 })
                 .collect::<candle_core::Result<_>>()?,
-            logits: Mat::from_tensor(&logits)?,
-            logits_tensor: logits,
         })
     }
 
@@ -403,8 +415,9 @@ impl Recorded {
 /// Everything the per-target loops read.
 struct Ctx<'a> {
     engine: &'a FastEngine,
+    weights: &'a HostWeights,
     model: &'a SpdModel,
-    rec: &'a Recorded,
+    rec: &'a HostRecord,
     alive: &'a [Vec<Vec<u32>>],
     coef: &'a [Mat],
     n: usize,
@@ -469,7 +482,7 @@ impl Ctx<'_> {
         positions: Range<usize>,
         edges: &mut Vec<Edge>,
     ) {
-        let e = self.engine;
+        let e = self.weights;
         let x = self.rec.residual_at(site);
         let mut g = vec![0f32; x.cols];
         for s in positions {
@@ -518,8 +531,8 @@ impl Ctx<'_> {
         positions: Range<usize>,
         edges: &mut Vec<Edge>,
     ) {
-        let e = self.engine;
-        let (nh, hd) = (e.n_head, e.head_dim);
+        let e = self.weights;
+        let (nh, hd) = (self.engine.n_head, self.engine.head_dim);
         let inv_sqrt = 1.0 / (hd as f32).sqrt();
         let id = |kind| ModuleId { block, kind };
         let (q, k, v) = (
@@ -654,7 +667,7 @@ impl Ctx<'_> {
 
     /// `c_fc → down_proj`: `Σ_j U_cfc[c_in, j] · gelu'(h_j) · V_down[j, c_out]`.
     fn mlp(&self, plan: &TargetPlan, block: usize, positions: Range<usize>, edges: &mut Vec<Edge>) {
-        let e = self.engine;
+        let e = self.weights;
         let h = &self.rec.outputs[&ModuleId {
             block,
             kind: ModuleKind::CFc,
