@@ -46,7 +46,10 @@ impl Run {
     ) -> Result<Self, String> {
         let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
         let fast = match FastEngine::new(&model, &sources) {
-            Ok(f) => Some(f),
+            Ok(f) => {
+                tracing::info!("graphs: fast engine, {:?} backend", f.backend());
+                Some(f)
+            }
             Err(why) => {
                 tracing::warn!("{why}; graphs use the reference engine");
                 None

@@ -7,16 +7,17 @@
 //! need (residual rows, attention probabilities, projection outputs); then each edge is a dot product
 //! restricted to alive rows and columns.
 
+mod fill;
 mod host;
 mod record;
 pub mod tensor;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 
+use self::fill::{Slots, fill_units};
 use self::host::{LnBackward, Mat, dot, gelu_tanh_grad};
 use self::record::Recorded;
 use super::graph::{Edge, Graph, Thresholds, alive_nodes};
@@ -301,55 +302,30 @@ impl FastEngine {
             .iter()
             .flat_map(|p| (0..t).map(move |s| (p, s)))
             .collect();
-        let run = |(plan, s): (&TargetPlan, usize)| {
-            let expected = ctx.unit_len(plan, s);
-            let mut out = Vec::with_capacity(expected);
-            match &plan.step {
-                Step::Residual { site, ln_weight } => {
-                    ctx.residual(plan, *site, ln_weight, s..s + 1, &mut out)
-                }
-                Step::Attention { block } => ctx.attention(plan, *block, s..s + 1, &mut out),
-                Step::Mlp { block } => ctx.mlp(plan, *block, s..s + 1, &mut out),
-            }
-            debug_assert_eq!(out.len(), expected, "edge count of a unit");
-            out
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(units.len().max(1));
-        // Workers send finished units; this thread appends them in unit order as they arrive, so
-        // only the few units that finish early wait in memory, not a second copy of the graph.
-        let next = AtomicUsize::new(0);
-        let mut edges = Vec::with_capacity(units.iter().map(|(p, s)| ctx.unit_len(p, *s)).sum());
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Edge>)>();
-            for _ in 0..threads {
-                let tx = tx.clone();
-                let (next, units, run) = (&next, &units, &run);
-                scope.spawn(move || {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(unit) = units.get(i) else { break };
-                        if tx.send((i, run(*unit))).is_err() {
-                            break;
-                        }
+        // Each unit writes its edges straight into its place in the graph (see `fill`).
+        let lens: Vec<usize> = units.iter().map(|(p, s)| ctx.unit_len(p, *s)).collect();
+        let edges = fill_units(
+            &lens,
+            available_threads(),
+            |i, out| {
+                let (plan, s) = units[i];
+                match &plan.step {
+                    Step::Residual { site, ln_weight } => {
+                        ctx.residual(plan, *site, ln_weight, s..s + 1, out)
                     }
-                });
-            }
-            drop(tx);
-            let mut waiting = std::collections::BTreeMap::new();
-            let mut expected = 0;
-            for (i, piece) in rx {
-                waiting.insert(i, piece);
-                while let Some(piece) = waiting.remove(&expected) {
-                    edges.extend(piece);
-                    expected += 1;
-                    progress(expected, units.len());
+                    Step::Attention { block } => ctx.attention(plan, *block, s..s + 1, out),
+                    Step::Mlp { block } => ctx.mlp(plan, *block, s..s + 1, out),
                 }
-            }
-        });
+            },
+            progress,
+        );
         Ok(edges)
     }
+}
+
+/// Threads for the host-side work of a graph.
+fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Mat {
@@ -452,7 +428,7 @@ impl Ctx<'_> {
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
-        edges: &mut Vec<Edge>,
+        edges: &mut Slots<Edge>,
         src: &Source,
         target: Layer,
         c_in: u32,
@@ -480,7 +456,7 @@ impl Ctx<'_> {
         site: LnSite,
         ln_weight: &[f32],
         positions: Range<usize>,
-        edges: &mut Vec<Edge>,
+        edges: &mut Slots<Edge>,
     ) {
         let e = self.weights;
         let x = self.rec.residual_at(site);
@@ -529,7 +505,7 @@ impl Ctx<'_> {
         plan: &TargetPlan,
         block: usize,
         positions: Range<usize>,
-        edges: &mut Vec<Edge>,
+        edges: &mut Slots<Edge>,
     ) {
         let e = self.weights;
         let (nh, hd) = (self.engine.n_head, self.engine.head_dim);
@@ -666,7 +642,13 @@ impl Ctx<'_> {
     }
 
     /// `c_fc → down_proj`: `Σ_j U_cfc[c_in, j] · gelu'(h_j) · V_down[j, c_out]`.
-    fn mlp(&self, plan: &TargetPlan, block: usize, positions: Range<usize>, edges: &mut Vec<Edge>) {
+    fn mlp(
+        &self,
+        plan: &TargetPlan,
+        block: usize,
+        positions: Range<usize>,
+        edges: &mut Slots<Edge>,
+    ) {
         let e = self.weights;
         let h = &self.rec.outputs[&ModuleId {
             block,

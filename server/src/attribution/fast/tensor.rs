@@ -14,8 +14,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::fill::{Slots, fill_units};
 use super::record::Recorded;
-use super::{Step, TargetPlan};
+use super::{Step, TargetPlan, available_threads};
 use crate::attribution::graph::Edge;
 use crate::attribution::layer::Layer;
 use crate::attribution::prompt::PromptCi;
@@ -194,9 +195,13 @@ pub(super) fn edges(
         .zip(&ci.lower_tensors)
         .map(|(a, m)| a * m.squeeze(0)?)
         .collect::<candle_core::Result<_>>()?;
+    // Each plan's target rows: its alive (position, component) pairs.
+    let rows: Vec<Pairs> = plans
+        .iter()
+        .map(|p| Pairs::new(&alive[p.target.index(n)]))
+        .collect();
     let mut pieces = Vec::new();
-    for (p_idx, plan) in plans.iter().enumerate() {
-        let rows = Pairs::new(&alive[plan.target.index(n)]);
+    for ((p_idx, plan), rows) in plans.iter().enumerate().zip(&rows) {
         let mut per_source: Vec<Vec<Tensor>> = vec![Vec::new(); plan.sources.len()];
         if rows.len() > 0 {
             plan_pieces(
@@ -206,7 +211,7 @@ pub(super) fn edges(
                 &pairs,
                 p_idx,
                 plan,
-                &rows,
+                rows,
                 &dev,
                 &mut per_source,
             )?;
@@ -222,7 +227,7 @@ pub(super) fn edges(
             .to_device(&Device::Cpu)?
             .to_vec1()?
     };
-    lay_out(plans, alive, &pairs, n, &values)
+    lay_out(plans, &rows, &pairs, &values)
 }
 
 /// Computes one plan's values: per source, pieces ordered by target row, then source pair.
@@ -420,13 +425,17 @@ fn plan_pieces(
     Ok(())
 }
 
-/// Lays the read-back values out as edges. Values come plan by plan, source by source, each
-/// source's ordered by target row then pair; edges interleave the sources per target row.
+/// Target rows per layout work unit: enough edges to amortize taking a unit, few enough that the
+/// largest plans split across threads.
+const UNIT_EDGES: usize = 1 << 15;
+
+/// Lays the read-back values out as edges, in parallel. Values come plan by plan, source by
+/// source, each source's ordered by target row then pair; edges interleave the sources per target
+/// row.
 fn lay_out(
     plans: &[TargetPlan],
-    alive: &[Vec<Vec<u32>>],
+    rows: &[Pairs],
     pairs: &[Pairs],
-    n: usize,
     values: &[f32],
 ) -> Result<Vec<Edge>, RunError> {
     let src_pairs = |layer: Layer| match layer {
@@ -434,31 +443,58 @@ fn lay_out(
         _ => None,
     };
     // Edges of `src` into a target row at `s`.
-    let count = |layer: Layer, cross: bool, s: usize| match src_pairs(layer) {
+    let count = |layer: Layer, cross: bool, s: u32| match src_pairs(layer) {
         None => 1,
-        Some(p) if cross => p.start[s + 1],
-        Some(p) => p.at(s).len(),
+        Some(p) if cross => p.start[s as usize + 1],
+        Some(p) => p.at(s as usize).len(),
     };
-    let mut edges = Vec::with_capacity(values.len());
+    // Work units: (plan, target rows, where each source's values start at the first row).
+    let mut units: Vec<(usize, std::ops::Range<usize>, Vec<usize>)> = Vec::new();
+    let mut lens = Vec::new();
     let mut base = 0;
-    for plan in plans {
-        let rows = Pairs::new(&alive[plan.target.index(n)]);
+    for ((p_idx, plan), rows) in plans.iter().enumerate().zip(rows) {
         let mut cursor = Vec::with_capacity(plan.sources.len());
         for src in &plan.sources {
             cursor.push(base);
             base += rows
                 .s
                 .iter()
-                .map(|&s| count(src.layer, src.cross_seq, s as usize))
+                .map(|&s| count(src.layer, src.cross_seq, s))
                 .sum::<usize>();
         }
-        if base > values.len() {
-            break;
-        }
-        for (&s, &c_out) in rows.s.iter().zip(&rows.c) {
+        let (mut first, mut len, mut at_first) = (0, 0, cursor.clone());
+        for (r, &s) in rows.s.iter().enumerate() {
             for (src, at) in plan.sources.iter().zip(cursor.iter_mut()) {
-                let mut push = |s_in: u32, c_in: u32, at: &mut usize| {
-                    edges.push(Edge {
+                let c = count(src.layer, src.cross_seq, s);
+                *at += c;
+                len += c;
+            }
+            if len >= UNIT_EDGES || r + 1 == rows.len() {
+                units.push((
+                    p_idx,
+                    first..r + 1,
+                    std::mem::replace(&mut at_first, cursor.clone()),
+                ));
+                lens.push(len);
+                (first, len) = (r + 1, 0);
+            }
+        }
+    }
+    if base != values.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "tensor engine: {} values read back for {base} edges",
+            values.len()
+        ))
+        .into());
+    }
+    let fill = |i: usize, out: &mut Slots<Edge>| {
+        let (p_idx, range, at_first) = &units[i];
+        let (plan, rows) = (&plans[*p_idx], &rows[*p_idx]);
+        let mut cursor = at_first.clone();
+        for (&s, &c_out) in rows.s[range.clone()].iter().zip(&rows.c[range.clone()]) {
+            for (src, at) in plan.sources.iter().zip(cursor.iter_mut()) {
+                let mut push = |s_in: u32, c_in: u32| {
+                    out.push(Edge {
                         source: src.layer,
                         target: plan.target,
                         c_in,
@@ -471,29 +507,22 @@ fn lay_out(
                     *at += 1;
                 };
                 match src_pairs(src.layer) {
-                    None => push(s, 0, at),
+                    None => push(s, 0),
                     Some(p) if src.cross_seq => {
                         for k in 0..p.start[s as usize + 1] {
-                            push(p.s[k], p.c[k], at);
+                            push(p.s[k], p.c[k]);
                         }
                     }
                     Some(p) => {
                         for &c in p.at(s as usize) {
-                            push(s, c, at);
+                            push(s, c);
                         }
                     }
                 }
             }
         }
-    }
-    if base != values.len() {
-        return Err(candle_core::Error::Msg(format!(
-            "tensor engine: {} values read back for {base} edges",
-            values.len()
-        ))
-        .into());
-    }
-    Ok(edges)
+    };
+    Ok(fill_units(&lens, available_threads(), fill, &|_, _| {}))
 }
 
 #[cfg(test)]
