@@ -418,7 +418,13 @@ impl Compare {
         th: Thresholds,
     ) -> Result<(), RunError> {
         let want = cpu_engine.graph(cpu, &PromptCi::compute(cpu, tokens)?, th)?;
-        let got = gpu_engine.graph(gpu, &PromptCi::compute(gpu, tokens)?, th)?;
+        // On another thread, as the server's graph worker runs it.
+        let got = std::thread::scope(|scope| {
+            scope
+                .spawn(|| gpu_engine.graph(gpu, &PromptCi::compute(gpu, tokens)?, th))
+                .join()
+                .unwrap_or_else(|_| panic!("the graph thread panicked"))
+        })?;
         self.graphs += 1;
         self.edges += want.edges.len();
         let key =

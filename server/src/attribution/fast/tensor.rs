@@ -108,6 +108,35 @@ impl Pairs {
     }
 }
 
+/// `index_select` and `matmul` on contiguous operands only: CUDA's refuse (or restrict) other
+/// layouts while the CPU's accept any, so the CPU tests would not notice. Checked in debug builds,
+/// which is how the tests run.
+trait Contiguous {
+    fn select_rows(&self, ids: &Tensor, dim: usize) -> candle_core::Result<Tensor>;
+    fn mm(&self, rhs: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl Contiguous for Tensor {
+    fn mm(&self, rhs: &Tensor) -> candle_core::Result<Tensor> {
+        debug_assert!(
+            self.is_contiguous() && rhs.is_contiguous(),
+            "matmul operands {:?} × {:?} are not contiguous",
+            self.shape(),
+            rhs.shape()
+        );
+        self.matmul(rhs)
+    }
+
+    fn select_rows(&self, ids: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+        debug_assert!(
+            self.is_contiguous(),
+            "index_select source {:?} is not contiguous",
+            self.shape()
+        );
+        self.index_select(ids, dim)
+    }
+}
+
 fn u32s(v: &[u32], dev: &Device) -> candle_core::Result<Tensor> {
     Tensor::from_slice(v, v.len(), dev)
 }
@@ -118,7 +147,7 @@ fn gather(dense: &Tensor, idx: &[u32]) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let ids = u32s(idx, dense.device())?;
-    Ok(Some(dense.flatten_all()?.index_select(&ids, 0)?))
+    Ok(Some(dense.flatten_all()?.select_rows(&ids, 0)?))
 }
 
 /// Derivative of the tanh-approximation GELU, element-wise (the host's `gelu_tanh_grad`).
@@ -286,7 +315,7 @@ fn plan_pieces(
     // Same-position module source: `dense[row, c_in]` scaled by `coef[s(row), c_in]`, gathered.
     let same_position =
         |chunk: &Chunk, j: usize, dense: Tensor| -> candle_core::Result<Option<Tensor>> {
-            let dense = (dense * coef[j].index_select(&chunk.rs, 0)?)?;
+            let dense = (dense * coef[j].select_rows(&chunk.rs, 0)?)?;
             gather(&dense, &chunk.same_position(&pairs[j], coef[j].dim(1)?))
         };
     match &plan.step {
@@ -312,16 +341,16 @@ fn plan_pieces(
             };
             for chunk in chunks {
                 let chunk = chunk?;
-                let gt = columns.index_select(&chunk.rc, 0)?.broadcast_mul(ln_w)?;
-                let xh = xhat.index_select(&chunk.rs, 0)?;
+                let gt = columns.select_rows(&chunk.rc, 0)?.broadcast_mul(ln_w)?;
+                let xh = xhat.select_rows(&chunk.rs, 0)?;
                 let m1 = gt.mean_keepdim(1)?;
                 let m2 = (&gt * &xh)?.mean_keepdim(1)?;
                 let g = (gt.broadcast_sub(&m1)? - xh.broadcast_mul(&m2)?)?
-                    .broadcast_mul(&inv_sigma.index_select(&chunk.rs, 0)?)?;
+                    .broadcast_mul(&inv_sigma.select_rows(&chunk.rs, 0)?)?;
                 for (k, src) in plan.sources.iter().enumerate() {
                     let piece = match src.layer {
-                        Layer::Wte => Some((rec.embed.index_select(&chunk.rs, 0)? * &g)?.sum(1)?),
-                        Layer::Module(j) => same_position(&chunk, j, g.matmul(&w.ut[j])?)?,
+                        Layer::Wte => Some((rec.embed.select_rows(&chunk.rs, 0)? * &g)?.sum(1)?),
+                        Layer::Module(j) => same_position(&chunk, j, g.mm(&w.ut[j])?)?,
                         Layer::Output => unreachable!("output is never a source"),
                     };
                     out[k].extend(piece);
@@ -355,9 +384,9 @@ fn plan_pieces(
                     let flat: Vec<u32> = p.s.iter().zip(&p.c).map(|(s, ci)| s * c + ci).collect();
                     let coefs = coef[j]
                         .flatten_all()?
-                        .index_select(&u32s(&flat, dev)?, 0)?
+                        .select_rows(&u32s(&flat, dev)?, 0)?
                         .unsqueeze(0)?;
-                    let u_t = heads(&w.u[j].index_select(&pc, 0)?, nh, hd)?
+                    let u_t = heads(&w.u[j].select_rows(&pc, 0)?, nh, hd)?
                         .transpose(1, 2)?
                         .contiguous()?;
                     Some((ps, u_t, coefs))
@@ -368,10 +397,10 @@ fn plan_pieces(
             let inv_sqrt = 1.0 / (hd as f64).sqrt();
             for chunk in chunks {
                 let chunk = chunk?;
-                let cols = heads(&w.vt[o].index_select(&chunk.rc, 0)?, nh, hd)?; // [H, n, hd]
-                let prow = probs.index_select(&chunk.rs, 1)?; // [H, n, T]
+                let cols = heads(&w.vt[o].select_rows(&chunk.rc, 0)?, nh, hd)?; // [H, n, hd]
+                let prow = probs.select_rows(&chunk.rs, 1)?; // [H, n, T]
                 // w[h, row, s2] = v_h[s2] · β_h(row); f = p ⊙ (w − p·w) / √hd
-                let wt = cols.matmul(&vh_t)?;
+                let wt = cols.mm(&vh_t)?;
                 let wbar = (&prow * &wt)?.sum_keepdim(2)?;
                 let f = (&prow * wt.broadcast_sub(&wbar)?)?.affine(inv_sqrt, 0.0)?;
                 for (k, src) in plan.sources.iter().enumerate() {
@@ -379,23 +408,22 @@ fn plan_pieces(
                     let piece = match (w.ids[j].kind, &cross[k]) {
                         (ModuleKind::Q, _) => {
                             let rho = f
-                                .matmul(&kh)?
+                                .mm(&kh)?
                                 .transpose(0, 1)?
                                 .contiguous()?
                                 .reshape((chunk.n(), nh * hd))?;
-                            same_position(&chunk, j, rho.matmul(&w.ut[j])?)?
+                            same_position(&chunk, j, rho.mm(&w.ut[j])?)?
                         }
                         (ModuleKind::K, Some((ps, uk_t, coefs))) => {
-                            let qh = heads(&q.index_select(&chunk.rs, 0)?, nh, hd)?;
-                            let kq = qh.matmul(uk_t)?; // [H, n, pairs]
-                            let dense = (kq * f.index_select(ps, 2)?)?
-                                .sum(0)?
-                                .broadcast_mul(coefs)?;
+                            let qh = heads(&q.select_rows(&chunk.rs, 0)?, nh, hd)?;
+                            let kq = qh.mm(uk_t)?; // [H, n, pairs]
+                            let dense =
+                                (kq * f.select_rows(ps, 2)?)?.sum(0)?.broadcast_mul(coefs)?;
                             gather(&dense, &chunk.causal(&pairs[j]))?
                         }
                         (ModuleKind::V, Some((ps, uv_t, coefs))) => {
-                            let a = cols.matmul(uv_t)?; // [H, n, pairs]
-                            let dense = (a * prow.index_select(ps, 2)?)?
+                            let a = cols.mm(uv_t)?; // [H, n, pairs]
+                            let dense = (a * prow.select_rows(ps, 2)?)?
                                 .sum(0)?
                                 .broadcast_mul(coefs)?;
                             gather(&dense, &chunk.causal(&pairs[j]))?
@@ -416,9 +444,9 @@ fn plan_pieces(
             let (down, j) = (module(plan.target), module(plan.sources[0].layer));
             for chunk in chunks {
                 let chunk = chunk?;
-                let grad = gelu_tanh_grad(&h.index_select(&chunk.rs, 0)?)?;
-                let tmp = (w.vt[down].index_select(&chunk.rc, 0)? * grad)?;
-                out[0].extend(same_position(&chunk, j, tmp.matmul(&w.ut[j])?)?);
+                let grad = gelu_tanh_grad(&h.select_rows(&chunk.rs, 0)?)?;
+                let tmp = (w.vt[down].select_rows(&chunk.rc, 0)? * grad)?;
+                out[0].extend(same_position(&chunk, j, tmp.mm(&w.ut[j])?)?);
             }
         }
     }
