@@ -5,12 +5,14 @@
 
 use std::time::Instant;
 
+use app::types::GraphParams;
 use clap::Parser;
 use server::attribution::{
     Backend, FastEngine, Graph, PromptCi, SourceMap, Thresholds, reference_graph,
 };
 use server::model::SpdModel;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+use server::web::run::to_wire;
 
 /// Benchmarks the reference and fast attribution engines and the CI pass.
 #[derive(Parser, Debug)]
@@ -151,6 +153,23 @@ fn main() {
             assert_same_edges(&graph, &reference, "fast == reference");
             (s, s / fast_s)
         };
+        let wire_s = median_secs(args.reps, || {
+            to_wire(
+                &model,
+                None,
+                vec![String::new(); tokens.len()],
+                &ci,
+                &graph,
+                GraphParams {
+                    ci_threshold: ci_thr,
+                    output_prob_threshold: 0.01,
+                    ..GraphParams::default()
+                },
+                &|_| None,
+                &|t| t.to_string(),
+            );
+        });
+        println!("  the server's wire form (strongest 30,000 edges, normalized): {wire_s:.4} s");
         let n_edges = graph.edges.len();
         let cross = graph.edges.iter().filter(|e| e.is_cross_seq).count();
         println!(
