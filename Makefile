@@ -34,6 +34,10 @@ setup-test: setup
 	@if [ ! -x /usr/bin/chromium ]; then \
 		apt-get update && apt-get install -y chromium; \
 	fi
+	@# The CUDA kernels are tested on the CPU as C++ (server/tests/cuda_kernels_emulated.rs).
+	@if ! command -v c++ >/dev/null; then \
+		apt-get update && apt-get install -y g++; \
+	fi
 
 # `make serve` and the end-to-end tests show the built-in demo (server/demo); SPD_MODEL, SPD_DB and
 # SPD_PROMPTS in the environment choose another run (see README).
