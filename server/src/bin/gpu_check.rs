@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use server::attribution::{Backend, FastEngine, PromptCi, SourceMap, Thresholds};
 use server::cuda::{
-    CiThresholds, FusedCi, ci_active_entries, ci_pass, output_entries, reference_entries,
+    CiThresholds, Dense, FusedCi, ci_active_entries, ci_pass, output_entries, reference_entries,
     reference_output_entries, sort_entries,
 };
 use server::generate::contexts::ContextParams;
@@ -362,7 +362,7 @@ impl Compare {
             .candle_logits
             .max(max_diff(&want.target_logits, &got.target_logits)?);
 
-        let mut fused = ci_pass(gpu, &tokens_gpu, th, true)?;
+        let mut fused = ci_pass(gpu, &tokens_gpu, th, None, Dense::Host)?;
         for (w, g) in want
             .lower
             .iter()

@@ -80,8 +80,9 @@ __device__ __forceinline__ uint64_t block_reserve(uint32_t count,
 
 // Final layer of one module's CI network, fused: ci = lower_ci(z + bias) for rows n < n_rows (token
 // n = prompt * seq_len + position) and components c < n_comp, where z[n, c] sits at
-// z[n * row_stride + c * col_stride] and bias[c]. Grid: x over blocks of FINAL_ROWS tokens, y over
-// blocks of FINAL_THREADS components. Per block:
+// z[n * row_stride + c * col_stride] and bias[c]. Rows past their prompt's length
+// (position >= lens[prompt]: right padding) count for nothing below. Grid: x over blocks of
+// FINAL_ROWS tokens, y over blocks of FINAL_THREADS components. Per block:
 // - optionally writes ci densely ([n_rows, n_comp], row-major) to ci_out;
 // - adds the block's CI sum and count of ci > fire_thr per component to sums / fires (atomics, one
 //   per block and component);
@@ -90,7 +91,8 @@ __device__ __forceinline__ uint64_t block_reserve(uint32_t count,
 //   each thread's entries. Entries past `cap` are counted but not written (the caller retries).
 extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float* __restrict__ bias,
                                         uint32_t n_rows, uint32_t n_comp, uint32_t row_stride,
-                                        uint32_t col_stride, uint32_t seq_len, int kind,
+                                        uint32_t col_stride, uint32_t seq_len,
+                                        const uint32_t* __restrict__ lens, int kind,
                                         float active_thr, float fire_thr, uint32_t col0,
                                         float* __restrict__ ci_out, int write_ci,
                                         float* __restrict__ sums, uint32_t* __restrict__ fires,
@@ -109,6 +111,7 @@ extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float
             const float ci =
                 lower_ci(z[(uint64_t)r * row_stride + (uint64_t)c * col_stride] + b, kind);
             if (write_ci) ci_out[(uint64_t)r * n_comp + c] = ci;
+            if (r % seq_len >= lens[r / seq_len]) continue;
             sum += ci;
             fire += ci > fire_thr;
             active += ci >= active_thr;
@@ -122,6 +125,7 @@ extern "C" __global__ void ci_final_f32(const float* __restrict__ z, const float
     uint64_t at = block_reserve(active, counter);
     if (!active) return;
     for (uint32_t r = r0; r < r1 && at < cap; ++r) {
+        if (r % seq_len >= lens[r / seq_len]) continue;
         const float ci = lower_ci(z[(uint64_t)r * row_stride + (uint64_t)c * col_stride] + b, kind);
         if (ci >= active_thr) {
             uint32_t* e = entries + 4 * at;

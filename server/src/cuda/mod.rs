@@ -68,21 +68,44 @@ pub fn sort_entries(entries: &mut [ActiveEntry]) {
 
 /// The CI pass of token ids `[B, T]` on a CUDA model: active entries and per-component reductions.
 pub fn ci_active_entries(model: &SpdModel, tokens: &Tensor, th: CiThresholds) -> Result<FusedCi> {
-    ci_pass(model, tokens, th, false)
+    ci_pass(model, tokens, th, None, Dense::No)
 }
 
-/// As [`ci_active_entries`]; with `keep_dense` the kernel also writes the dense lower CI and it is
-/// copied to the host (for equality checks).
+/// Where [`ci_pass`] leaves the dense lower CI, if the kernel writes it at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dense {
+    No,
+    /// Copied to the host (equality checks).
+    Host,
+    /// Kept on the device (`generate` gathers activation-context windows from it).
+    Device,
+}
+
+/// As [`ci_active_entries`], for prompts of `lens` tokens (right-padded to `T`; `None`: all `T`)
+/// and with the dense lower CI where `dense` says. Padding positions give no entries and count in
+/// no sum.
 pub fn ci_pass(
     model: &SpdModel,
     tokens: &Tensor,
     th: CiThresholds,
-    keep_dense: bool,
+    lens: Option<&[u32]>,
+    dense: Dense,
 ) -> Result<FusedCi> {
     let start = std::time::Instant::now();
     let dev = model.device().as_cuda_device()?.clone();
     let kind = sigmoid_kind(model.config.sigmoid_type);
     let (b, t) = tokens.dims2()?;
+    let lens = match lens {
+        Some(l) if l.len() != b || l.iter().any(|&n| n as usize > t) => {
+            bail!(
+                "fused CI: {} lengths for {b} prompts of {t} tokens",
+                l.len()
+            )
+        }
+        Some(l) => l.to_vec(),
+        None => vec![t as u32; b],
+    };
+    let lens = dev.clone_htod(&lens)?;
     let n_cols = model.modules.len() * model.c();
     // Room for ~3% active entries; a fuller batch reruns with the exact count.
     let mut cap = ((b * t * n_cols) / 32).max(1 << 16);
@@ -94,12 +117,13 @@ pub fn ci_pass(
             kind,
             th,
             seq_len: t,
-            keep_dense,
+            lens: &lens,
+            keep_dense: dense,
             bufs: &mut bufs,
             dense: vec![None; model.modules.len()],
         };
         let logits = model.target.forward(tokens, &mut hook)?;
-        let dense = hook.dense;
+        let dense_ci = hook.dense;
         let count = dev.clone_dtoh(&bufs.counter)?[0] as usize;
         let device_time = start.elapsed();
         if count > cap {
@@ -107,9 +131,9 @@ pub fn ci_pass(
             continue;
         }
         let entries = read_entries(&dev, &bufs.entries, count)?;
-        let dense = if keep_dense {
+        let dense = if dense != Dense::No {
             Some(
-                dense
+                dense_ci
                     .into_iter()
                     .map(|d| d.expect("every decomposed module runs in the forward pass"))
                     .collect(),
@@ -272,7 +296,8 @@ struct FusedHook<'a> {
     kind: i32,
     th: CiThresholds,
     seq_len: usize,
-    keep_dense: bool,
+    lens: &'a CudaSlice<u32>,
+    keep_dense: Dense,
     bufs: &'a mut Buffers,
     dense: Vec<Option<Tensor>>,
 }
@@ -320,9 +345,20 @@ impl FusedHook<'_> {
             }
         };
         let dense = self.final_kernel(&z, b_last, n, c, row_stride, col_stride, i * c)?;
-        if let Some(d) = dense {
-            self.dense[i] = Some(Tensor::from_vec(d, (b, t, c), &candle_core::Device::Cpu)?);
-        }
+        self.dense[i] = match (self.keep_dense, dense) {
+            (Dense::No, _) | (_, None) => None,
+            (Dense::Host, Some(d)) => Some(Tensor::from_vec(
+                self.dev.clone_dtoh(&d)?,
+                (b, t, c),
+                &candle_core::Device::Cpu,
+            )?),
+            (Dense::Device, Some(d)) => Some(Tensor::from_storage(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(d, self.dev.clone())),
+                (b, t, c),
+                candle_core::op::BackpropOp::none(),
+                false,
+            )),
+        };
         Ok(())
     }
 
@@ -336,7 +372,7 @@ impl FusedHook<'_> {
         row_stride: usize,
         col_stride: usize,
         col0: usize,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<CudaSlice<f32>>> {
         let z = z.contiguous()?;
         let bias = bias.contiguous()?;
         if bias.elem_count() != c || z.elem_count() != n * c {
@@ -353,7 +389,11 @@ impl FusedHook<'_> {
         let b_view = cuda_view(&bs, bl)?;
         let mut ci_out = self
             .dev
-            .alloc_zeros::<f32>(if self.keep_dense { n * c } else { 1 })?;
+            .alloc_zeros::<f32>(if self.keep_dense == Dense::No {
+                1
+            } else {
+                n * c
+            })?;
         let func = self
             .dev
             .get_or_load_custom_func("ci_final_f32", MODULE, PTX)?;
@@ -364,7 +404,7 @@ impl FusedHook<'_> {
             col_stride as u32,
             self.seq_len as u32,
         );
-        let (col0, write) = (col0 as u32, i32::from(self.keep_dense));
+        let (col0, write) = (col0 as u32, i32::from(self.keep_dense != Dense::No));
         let mut sums = self.bufs.sums.slice_mut(col0 as usize..col0 as usize + c);
         let mut fires = self.bufs.fires.slice_mut(col0 as usize..col0 as usize + c);
         let mut lb = func.builder();
@@ -375,6 +415,7 @@ impl FusedHook<'_> {
             .arg(&rs32)
             .arg(&cs32)
             .arg(&t32)
+            .arg(self.lens)
             .arg(&self.kind)
             .arg(&self.th.active)
             .arg(&self.th.firing)
@@ -396,14 +437,11 @@ impl FusedHook<'_> {
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types and order match `ci_final_f32`; every index the kernel computes is
-        // bounded by n, c and cap, the lengths of the buffers passed.
+        // bounded by n, c and cap, the lengths of the buffers passed, and n / seq_len (< B, the
+        // length of lens).
         unsafe { lb.launch(cfg) }.w()?;
         drop(lb);
-        if self.keep_dense {
-            Ok(Some(self.dev.clone_dtoh(&ci_out)?))
-        } else {
-            Ok(None)
-        }
+        Ok((self.keep_dense != Dense::No).then_some(ci_out))
     }
 }
 

@@ -57,8 +57,12 @@ static void bias_gelu_case(uint32_t rows, uint32_t h, uint32_t group_rows, uint3
 // One module's final CI layer: z is [n, c] (transposed: [c, n]); entries appended after `prior`
 // entries already counted (as when several modules share the buffer).
 static void ci_final_case(uint32_t prompts, uint32_t seq, uint32_t c, bool transposed, int kind,
-                          float active, float fire, uint64_t cap, uint64_t prior) {
+                          float active, float fire, uint64_t cap, uint64_t prior,
+                          uint32_t short_by = 0) {
     const uint32_t n = prompts * seq, col0 = 1000;
+    // Prompt p is `p * short_by` tokens short of seq (right padding), down to one token.
+    std::vector<uint32_t> lens(prompts);
+    for (uint32_t p = 0; p < prompts; ++p) lens[p] = std::max<int64_t>(1, (int64_t)seq - p * short_by);
     std::mt19937 rng(n * 7 + c + kind);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::vector<float> z(n * c), bias(c);
@@ -70,7 +74,8 @@ static void ci_final_case(uint32_t prompts, uint32_t seq, uint32_t c, bool trans
     unsigned long long counter = prior;
     emu_launch((n + FINAL_ROWS - 1) / FINAL_ROWS, (c + FINAL_THREADS - 1) / FINAL_THREADS,
                FINAL_THREADS, [&] {
-                   ci_final_f32(z.data(), bias.data(), n, c, row_stride, col_stride, seq, kind,
+                   ci_final_f32(z.data(), bias.data(), n, c, row_stride, col_stride, seq,
+                                lens.data(), kind,
                                 active, fire, col0, ci.data(), 1, sums.data(), fires.data(),
                                 entries.data(), cap + prior, &counter);
                });
@@ -85,6 +90,7 @@ static void ci_final_case(uint32_t prompts, uint32_t seq, uint32_t c, bool trans
             const float v = lower_ci(z[(uint64_t)r * row_stride + (uint64_t)k * col_stride] + bias[k],
                                      kind);
             ci_err = std::max(ci_err, (double)std::abs(v - ci[(uint64_t)r * c + k]));
+            if (r % seq >= lens[r / seq]) continue;
             s += v;
             f += v > fire;
             if (v >= active) want.insert({r / seq, r % seq, col0 + k, __float_as_uint(v)});
@@ -100,9 +106,9 @@ static void ci_final_case(uint32_t prompts, uint32_t seq, uint32_t c, bool trans
     const bool untouched = entries[4 * (prior + written)] == 0xdeadbeefu;
     const bool subset = std::includes(want.begin(), want.end(), got.begin(), got.end());
     std::printf(
-        "ci_final %ux%u c %u %s kind %d cap %llu prior %llu: %zu entries (counter +%llu), "
-        "%llu written, ci err %.1e, sum err %.1e\n",
-        prompts, seq, c, transposed ? "[c,n]" : "[n,c]", kind, (unsigned long long)cap,
+        "ci_final %ux%u (short by %u) c %u %s kind %d cap %llu prior %llu: %zu entries (counter "
+        "+%llu), %llu written, ci err %.1e, sum err %.1e\n",
+        prompts, seq, short_by, c, transposed ? "[c,n]" : "[n,c]", kind, (unsigned long long)cap,
         (unsigned long long)prior, want.size(), counter - prior, (unsigned long long)written,
         ci_err, sum_err);
     check(ci_err == 0, "dense CI equals lower_ci(z + b)");
@@ -184,6 +190,8 @@ int main() {
     ci_final_case(2, 64, 257, true, SIG_CLAMP, 0.3f, 0.1f, 1 << 20, 5);  // [c, n], after 5 others
     ci_final_case(3, 100, 300, false, SIG_CLAMP, 0.3f, 0.0f, 100, 0);    // overflow: counted only
     ci_final_case(1, 1, 1, false, SIG_LOGISTIC, 0.0f, 0.0f, 4, 0);
+    ci_final_case(4, 100, 130, false, SIG_LOGISTIC, 0.5f, 0.2f, 1 << 20, 0, 30);  // padded prompts
+    ci_final_case(3, 64, 40, true, SIG_CLAMP, 0.2f, 0.0f, 1 << 20, 0, 63);        // down to 1 token
     probs_final_case({7, 4, 1}, 7, 1000, 0.004f, 1 << 16);  // two prompts padded
     probs_final_case({5}, 5, 300, 0.01f, 3);                 // overflow
     probs_final_case({3}, 3, 40, 0.0f, 1 << 10);             // everything is an entry
