@@ -72,6 +72,7 @@ fn build_demo_db(model: &Path, db: &Path, force_new: bool) -> Result<(), String>
         devices: vec!["cpu".into()],
         workers: None,
         tf32: false,
+        unfused: false,
         shard: Default::default(),
         force_new,
         n_blocks: None,

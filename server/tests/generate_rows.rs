@@ -12,7 +12,8 @@ use generate_support::*;
 use server::attribution::{PromptCi, Thresholds, extract_active};
 use server::generate::contexts::ContextParams;
 use server::generate::corpus::Window;
-use server::generate::extract::{self, ScanMode};
+use server::generate::entries::{CiThresholds, reference_entries, reference_output_entries};
+use server::generate::extract::{self, EntryBatch, ScanMode};
 use server::generate::{self, Input};
 use server::model::SpdModel;
 use server::model::gpt2_simple::softmax_last;
@@ -120,6 +121,34 @@ fn host_and_device_reductions_agree() {
             let run =
                 |mode| extract::extract(&ci, &probs, windows, th, &ctx, &floors, mode).unwrap();
             let (host, device) = (run(ScanMode::Host), run(ScanMode::Device));
+            // The fused CUDA pass's form: entries (here from the host reference of its kernels).
+            let lens: Vec<u32> = windows.iter().map(|w| w.tokens.len() as u32).collect();
+            let th_entries = CiThresholds {
+                active: EntryBatch::active_threshold(th, &ctx),
+                firing: ctx.threshold,
+            };
+            let (ci_entries, sum_ci, n_firing) =
+                reference_entries(&ci, th_entries, Some(&lens)).unwrap();
+            let outputs = reference_output_entries(&probs, &lens, th.output_prob).unwrap();
+            let batch = EntryBatch {
+                ci: ci_entries,
+                outputs,
+                sum_ci,
+                n_firing,
+            };
+            let fused = extract::extract_entries(
+                batch,
+                &ci,
+                model.vocab_size(),
+                windows,
+                th,
+                &ctx,
+                &floors,
+                ScanMode::Host,
+            )
+            .unwrap();
+            assert_eq!(host.prompts, fused.prompts, "{name}: from entries");
+            assert_eq!(host.contexts, fused.contexts, "{name}: from entries");
             assert_eq!(host.prompts, device.prompts, "{name}");
             assert_eq!(host.contexts.n_firing, device.contexts.n_firing, "{name}");
             assert_eq!(host.contexts.examples, device.contexts.examples, "{name}");

@@ -103,6 +103,10 @@ struct RunArgs {
     /// less exact (needs the `cuda` feature; recorded with the run).
     #[arg(long)]
     tf32: bool,
+    /// On CUDA devices, reduce with candle's element-wise ops instead of the fused kernels (same
+    /// results; for comparison and as a fallback).
+    #[arg(long)]
+    unfused: bool,
     /// Use GPUs cuda:0 … cuda:N-1 (the original's flag; same as --devices).
     #[arg(long, alias = "n_gpus", conflicts_with = "devices")]
     n_gpus: Option<usize>,
@@ -183,6 +187,7 @@ fn config(a: RunArgs) -> Result<GenerateConfig, String> {
         devices,
         workers: a.workers,
         tf32: a.tf32,
+        unfused: a.unfused,
         shard: a.shard,
         force_new: a.force_new,
         n_blocks: a.n_blocks,

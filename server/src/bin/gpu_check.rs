@@ -209,50 +209,73 @@ fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, docs.join("\n") + "\n")?;
     let threshold = 0.01;
-    let run =
-        |name: &str, device: &str, workers: usize| -> Result<Rows, Box<dyn std::error::Error>> {
-            let output = dir.join(format!("{name}.db"));
-            let cfg = GenerateConfig {
-                model: model.clone(),
-                output: output.clone(),
-                input: Input::Corpus {
-                    path: corpus.clone(),
-                    column: None,
-                    tokenizer: Some(tokenizer.clone()),
-                    eos_token: None,
-                    n_ctx: 16,
-                    seed: 42,
-                },
-                n_prompts: None,
-                batch_size: Some(32),
-                thresholds: Thresholds {
-                    ci: threshold,
-                    output_prob: threshold,
-                },
-                contexts: ContextParams::default(),
-                devices: vec![device.to_owned()],
-                workers: Some(workers),
-                tf32: false,
-                shard: Shard::default(),
-                force_new: true,
-                n_blocks: None,
-                progress: Progress::Quiet,
-                context_checkpoint: DEFAULT_CONTEXT_CHECKPOINT,
-                abort_in_batch: None,
-            };
-            server::generate::run(&cfg)?;
-            read_rows(&output)
+    let run = |name: &str,
+               device: &str,
+               workers: usize,
+               unfused: bool|
+     -> Result<Rows, Box<dyn std::error::Error>> {
+        let output = dir.join(format!("{name}.db"));
+        let cfg = GenerateConfig {
+            model: model.clone(),
+            output: output.clone(),
+            input: Input::Corpus {
+                path: corpus.clone(),
+                column: None,
+                tokenizer: Some(tokenizer.clone()),
+                eos_token: None,
+                n_ctx: 16,
+                seed: 42,
+            },
+            n_prompts: None,
+            batch_size: Some(32),
+            thresholds: Thresholds {
+                ci: threshold,
+                output_prob: threshold,
+            },
+            contexts: ContextParams::default(),
+            devices: vec![device.to_owned()],
+            workers: Some(workers),
+            tf32: false,
+            unfused,
+            shard: Shard::default(),
+            force_new: true,
+            n_blocks: None,
+            progress: Progress::Quiet,
+            context_checkpoint: DEFAULT_CONTEXT_CHECKPOINT,
+            abort_in_batch: None,
         };
-    let want = run("cpu", "cpu", 1)?;
+        server::generate::run(&cfg)?;
+        read_rows(&output)
+    };
+    let want = run("cpu", "cpu", 1, false)?;
     println!();
     println!(
         "`generate` (fixture tiny_shared, 600 documents, CI and output thresholds {threshold}):\n"
     );
-    println!("| devices | rows cpu / cuda | rows off | max Δ max CI | positions off | ok |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| devices | kernels | rows cpu / cuda | rows off | max Δ max CI | positions off | ok |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut ok = true;
-    for workers in [1, 2] {
-        let got = run(&format!("cuda{workers}"), &args.device, workers)?;
+    for (workers, unfused) in [(1, false), (2, false), (1, true)] {
+        let kernels = if unfused { "candle ops" } else { "fused" };
+        let got = match run(
+            &format!("cuda{workers}{}", if unfused { "u" } else { "" }),
+            &args.device,
+            workers,
+            unfused,
+        ) {
+            Ok(rows) => rows,
+            Err(e) => {
+                println!(
+                    "| {} × {workers} | {kernels} | failed: {} | | | | **NO** |",
+                    args.device,
+                    one_line(&*e)
+                );
+                ok = false;
+                continue;
+            }
+        };
         let (mut off, mut pos_off, mut max_d) = (0, 0, 0f64);
         let near = |x: f64| (x - f64::from(threshold)).abs() <= f64::from(TOL);
         for (k, (w_ci, w_pos)) in &want {
@@ -271,7 +294,7 @@ fn generate_check(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         let row_ok = off == 0 && max_d <= f64::from(TOL) && pos_off == 0;
         ok &= row_ok;
         println!(
-            "| {} × {workers} worker(s) | {} / {} | {off} | {max_d:.1e} | {pos_off} | {} |",
+            "| {} × {workers} worker(s) | {kernels} | {} / {} | {off} | {max_d:.1e} | {pos_off} | {} |",
             args.device,
             want.len(),
             got.len(),
@@ -374,7 +397,7 @@ impl Compare {
             .fused_logits
             .max(max_diff(&want.target_logits, &fused.logits)?);
 
-        let (ref_entries, ref_sums, ref_fires) = reference_entries(&want.lower, th)?;
+        let (ref_entries, ref_sums, ref_fires) = reference_entries(&want.lower, th, None)?;
         sort_entries(&mut fused.entries);
         self.entries_cpu += ref_entries.len();
         self.entries_cuda += fused.entries.len();

@@ -13,6 +13,9 @@ use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
 
+pub use crate::generate::entries::{
+    ActiveEntry, CiThresholds, reference_entries, reference_output_entries, sort_entries,
+};
 use crate::model::config::{CiFnType, SigmoidType};
 use crate::model::gpt2_simple::{Linear, LinearHook, PlainForward};
 use crate::model::{ModuleId, SpdModel};
@@ -24,24 +27,6 @@ const FINAL_THREADS: u32 = 256;
 const FINAL_ROWS: u32 = 128;
 /// Must match `PROB_THREADS` in `ci_kernels.cu`.
 const PROB_THREADS: u32 = 256;
-
-/// Thresholds of the fused reduction.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CiThresholds {
-    /// An entry is active (and compacted) where its CI ≥ this.
-    pub active: f32,
-    /// A component fires where its CI > this (counted per component).
-    pub firing: f32,
-}
-
-/// One active entry. `column` is `module * C + component` (module in `SpdModel::modules` order).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ActiveEntry {
-    pub prompt: u32,
-    pub position: u32,
-    pub column: u32,
-    pub ci: f32,
-}
 
 /// What [`ci_active_entries`] brings back.
 #[derive(Debug, Clone)]
@@ -59,11 +44,6 @@ pub struct FusedCi {
     /// From the call to the entry count on the host (the forward and kernels done), without the
     /// copies of entries and reductions.
     pub device_time: std::time::Duration,
-}
-
-/// Sorts entries by (prompt, position, column).
-pub fn sort_entries(entries: &mut [ActiveEntry]) {
-    entries.sort_unstable_by_key(|e| (e.prompt, e.position, e.column));
 }
 
 /// The CI pass of token ids `[B, T]` on a CUDA model: active entries and per-component reductions.
@@ -227,34 +207,6 @@ fn read_entries(
             ci: f32::from_bits(w[3]),
         })
         .collect())
-}
-
-/// The entries of [`output_entries`] from probabilities `[B, T, vocab]` (e.g. the CPU path's), sorted.
-pub fn reference_output_entries(
-    probs: &Tensor,
-    lens: &[u32],
-    threshold: f32,
-) -> Result<Vec<ActiveEntry>> {
-    let (b, t, vocab) = probs.dims3()?;
-    let data: Vec<f32> = probs.flatten_all()?.to_vec1()?;
-    let mut entries = vec![];
-    for (p, &len) in lens.iter().enumerate().take(b) {
-        for pos in 0..(len as usize).min(t) {
-            let row = &data[(p * t + pos) * vocab..][..vocab];
-            for (tok, &v) in row.iter().enumerate() {
-                if v >= threshold {
-                    entries.push(ActiveEntry {
-                        prompt: p as u32,
-                        position: pos as u32,
-                        column: tok as u32,
-                        ci: v,
-                    });
-                }
-            }
-        }
-    }
-    sort_entries(&mut entries);
-    Ok(entries)
 }
 
 fn sigmoid_kind(s: SigmoidType) -> i32 {
@@ -529,37 +481,4 @@ impl CustomOp2 for BiasGelu {
         drop(lb);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
-}
-
-/// The entries and reductions of [`ci_active_entries`], computed on the host from dense lower CI
-/// (`[B, T, C]` per module, e.g. from the CPU path): the reference the fused kernels must equal.
-pub fn reference_entries(
-    ci: &[Tensor],
-    th: CiThresholds,
-) -> Result<(Vec<ActiveEntry>, Vec<f32>, Vec<u32>)> {
-    let mut entries = vec![];
-    let (mut sums, mut fires) = (vec![], vec![]);
-    for (i, x) in ci.iter().enumerate() {
-        let (b, t, c) = x.dims3()?;
-        let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (mut s, mut f) = (vec![0f32; c], vec![0u32; c]);
-        for (k, &v) in data.iter().enumerate() {
-            let (row, col) = (k / c, k % c);
-            s[col] += v;
-            f[col] += u32::from(v > th.firing);
-            if v >= th.active {
-                entries.push(ActiveEntry {
-                    prompt: (row / t) as u32,
-                    position: (row % t) as u32,
-                    column: (i * c + col) as u32,
-                    ci: v,
-                });
-            }
-        }
-        debug_assert_eq!(data.len(), b * t * c);
-        sums.extend(s);
-        fires.extend(f);
-    }
-    sort_entries(&mut entries);
-    Ok((entries, sums, fires))
 }

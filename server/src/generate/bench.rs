@@ -173,6 +173,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         devices: vec![args.device.clone()],
         workers: None,
         tf32: false,
+        unfused: false,
         shard: Shard::default(),
         force_new: true,
         n_blocks: None,

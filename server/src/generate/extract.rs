@@ -21,6 +21,7 @@ use crate::store::writer::{ActivationRow, PromptRows};
 
 use super::contexts::{BatchContexts, ContextParams};
 use super::corpus::Window;
+use super::entries::ActiveEntry;
 
 /// The lower-leaky CI of every module (`[B, T, C]`, model order) and the target model's output
 /// probabilities (`[B, T, vocab]`) for token ids `[B, T]`.
@@ -128,6 +129,63 @@ pub fn extract(
         ScanMode::Host => scan_host(ci, probs, &lens, th, ctx.threshold)?,
         ScanMode::Device => scan_device(ci, probs, &lens, th, ctx.threshold)?,
     };
+    finish(scan, ci, windows, th, ctx, floors, mode)
+}
+
+/// A batch as the fused CUDA pass returns it (see `crate::cuda::ci_pass`), without padding
+/// positions: what [`extract_entries`] reduces.
+#[derive(Debug, Clone)]
+pub struct EntryBatch {
+    /// CI entries at or above [`EntryBatch::active_threshold`]; columns `module * C + component`.
+    pub ci: Vec<ActiveEntry>,
+    /// Output entries (probability ≥ the output threshold); columns are token ids.
+    pub outputs: Vec<ActiveEntry>,
+    /// Per CI column: the sum of CI over the batch's tokens, and how many have CI > the context
+    /// threshold.
+    pub sum_ci: Vec<f32>,
+    pub n_firing: Vec<u32>,
+}
+
+impl EntryBatch {
+    /// The CI threshold entries must be taken at: rows need values ≥ `th.ci`, context candidates
+    /// values > `ctx.threshold`.
+    pub fn active_threshold(th: Thresholds, ctx: &ContextParams) -> f32 {
+        th.ci.min(ctx.threshold)
+    }
+}
+
+/// [`extract`] for a batch already reduced to entries; `ci` is the dense lower CI (on any device)
+/// from which the context windows are read, `vocab` the vocabulary size. Equal to [`extract`] on
+/// the same batch.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_entries(
+    batch: EntryBatch,
+    ci: &[Tensor],
+    vocab: usize,
+    windows: &[Window],
+    th: Thresholds,
+    ctx: &ContextParams,
+    floors: &[AtomicU32],
+    mode: ScanMode,
+) -> Result<Extracted> {
+    let lens: Vec<usize> = windows.iter().map(|w| w.tokens.len()).collect();
+    let t = ci.first().map_or(0, |x| x.dims()[1]);
+    let n_ci: usize = ci.iter().map(|x| x.dims()[2]).sum();
+    let scan = scan_entries(batch, n_ci, vocab, t, &lens)?;
+    finish(scan, ci, windows, th, ctx, floors, mode)
+}
+
+/// Rows, context candidates and their windows from a batch's reductions.
+fn finish(
+    scan: Scan,
+    ci: &[Tensor],
+    windows: &[Window],
+    th: Thresholds,
+    ctx: &ContextParams,
+    floors: &[AtomicU32],
+    mode: ScanMode,
+) -> Result<Extracted> {
+    let lens: Vec<usize> = windows.iter().map(|w| w.tokens.len()).collect();
     let c = ci.first().map_or(0, |t| t.dims()[2]);
 
     let mut prompts = Vec::with_capacity(windows.len());
@@ -224,6 +282,61 @@ impl Scan {
         }
         out
     }
+}
+
+/// The [`Scan`] of a batch given as entries: columns without an entry keep a max of −∞, which no
+/// threshold passes, exactly as their true max (below every entry threshold) fails them.
+fn scan_entries(
+    batch: EntryBatch,
+    n_ci: usize,
+    vocab: usize,
+    t: usize,
+    lens: &[usize],
+) -> Result<Scan> {
+    let b = lens.len();
+    let n_cols = n_ci + vocab;
+    let n_chunks = t.div_ceil(64).max(1);
+    if batch.sum_ci.len() != n_ci || batch.n_firing.len() != n_ci {
+        candle_core::bail!(
+            "entry batch: reductions for {} columns, the model has {n_ci}",
+            batch.sum_ci.len()
+        );
+    }
+    let mut s = Scan {
+        n_cols,
+        n_ci,
+        max: vec![f32::NEG_INFINITY; b * n_cols],
+        argmax: vec![0; b * n_ci],
+        bits: vec![0; b * n_chunks * n_cols],
+        chunk: 64,
+        n_chunks,
+        sum_ci: batch.sum_ci,
+        n_firing: batch.n_firing,
+    };
+    for (entries, col0, limit) in [(&batch.ci, 0, n_ci), (&batch.outputs, n_ci, vocab)] {
+        for e in entries {
+            let (p, pos, col) = (e.prompt as usize, e.position as usize, e.column as usize);
+            if p >= b || pos >= lens[p] || col >= limit {
+                candle_core::bail!(
+                    "entry batch: entry {e:?} outside {b} prompts of lengths {lens:?} × {limit} columns"
+                );
+            }
+            let col = col0 + col;
+            s.bits[(p * n_chunks + pos / 64) * n_cols + col] |= 1u64 << (pos % 64);
+            let max = &mut s.max[p * n_cols + col];
+            if col < n_ci {
+                // The first position holding the max, as the dense scans.
+                let arg = &mut s.argmax[p * n_ci + col];
+                if e.ci > *max || (e.ci == *max && (pos as u32) < *arg) {
+                    *max = e.ci;
+                    *arg = pos as u32;
+                }
+            } else {
+                *max = max.max(e.ci);
+            }
+        }
+    }
+    Ok(s)
 }
 
 /// Runs `f` on the elements of a contiguous f32 CPU tensor, in place.

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod contexts;
 pub mod corpus;
+pub mod entries;
 pub mod extract;
 pub mod merge;
 pub mod pipeline;

@@ -118,6 +118,9 @@ pub struct GenerateConfig {
     pub workers: Option<usize>,
     /// tf32 matmuls on the CUDA devices (see [`crate::device::set_tf32`]); recorded with the run.
     pub tf32: bool,
+    /// On CUDA devices, reduce with candle's element-wise ops ([`ScanMode::Device`]) instead of the
+    /// fused kernels of [`crate::cuda`] (same results; for comparison). No effect on the CPU.
+    pub unfused: bool,
     pub shard: Shard,
     /// Start a new database even if `output` holds another run.
     pub force_new: bool,
@@ -730,12 +733,62 @@ impl Pipeline<'_> {
             })
             .collect();
         let tokens = Tensor::from_vec(ids, (job.windows.len(), t), model.device())?;
+        #[cfg(feature = "cuda")]
+        if !self.cfg.unfused && model.device().is_cuda() {
+            return self.compute_fused(model, job, &tokens, floors, mode);
+        }
         let (ci, probs) = extract::forward(model, &tokens)?;
         Ok(extract::extract(
             &ci,
             &probs,
             &job.windows,
             self.cfg.thresholds,
+            &self.cfg.contexts,
+            floors,
+            mode,
+        )?)
+    }
+
+    /// [`Self::compute`] with the fused CUDA kernels: only active entries and the reductions come
+    /// to the host; the dense CI stays on the device for the context windows.
+    #[cfg(feature = "cuda")]
+    fn compute_fused(
+        &self,
+        model: &SpdModel,
+        job: &Job,
+        tokens: &Tensor,
+        floors: &[AtomicU32],
+        mode: ScanMode,
+    ) -> Result<Extracted> {
+        use super::entries::CiThresholds;
+        use super::extract::EntryBatch;
+        use crate::cuda::{Dense, ci_pass, output_entries};
+        let th = self.cfg.thresholds;
+        let lens: Vec<u32> = job.windows.iter().map(|w| w.tokens.len() as u32).collect();
+        let fused = ci_pass(
+            model,
+            tokens,
+            CiThresholds {
+                active: EntryBatch::active_threshold(th, &self.cfg.contexts),
+                firing: self.cfg.contexts.threshold,
+            },
+            Some(&lens),
+            Dense::Device,
+        )?;
+        let outputs = output_entries(&fused.logits, &lens, th.output_prob)?;
+        let dense = fused.dense.unwrap_or_default();
+        let batch = EntryBatch {
+            ci: fused.entries,
+            outputs,
+            sum_ci: fused.sum_ci,
+            n_firing: fused.n_firing,
+        };
+        Ok(extract::extract_entries(
+            batch,
+            &dense,
+            model.vocab_size(),
+            &job.windows,
+            th,
             &self.cfg.contexts,
             floors,
             mode,

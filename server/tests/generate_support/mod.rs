@@ -121,6 +121,7 @@ pub fn config(model: &Path, output: &Path, input: Input) -> GenerateConfig {
         devices: vec!["cpu".into()],
         workers: None,
         tf32: false,
+        unfused: false,
         shard: Shard::default(),
         force_new: false,
         n_blocks: None,
