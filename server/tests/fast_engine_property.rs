@@ -2,7 +2,9 @@
 //! thresholds) the fast engine, on both backends, gives the reference engine's edges: same set, same
 //! order, values within 1e-4 of the largest |edge|.
 
-use server::attribution::{Backend, FastEngine, PromptCi, SourceMap, Thresholds, reference_graph};
+use server::attribution::{
+    Backend, Edge, FastEngine, Layer, PromptCi, SourceMap, Thresholds, reference_graph, strongest,
+};
 use server::model::config::CiFnType;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
 
@@ -40,6 +42,19 @@ fn fast_engine_equals_reference_on_random_models() {
         for backend in [Backend::Host, Backend::Tensor] {
             let fast = FastEngine::with_backend(&model, &sources, backend).unwrap();
             let got = fast.graph(&model, &ci, th).unwrap();
+            // The server's selection from the engine equals selecting from the whole graph.
+            let keep = |e: &Edge| e.c_in % 3 != 1 || e.source == Layer::Wte;
+            for k in [0, 1, 7, 100, got.edges.len() + 1] {
+                let (top, total) = fast
+                    .strongest_graph(&model, &ci, th, k, &keep, &|_, _| {})
+                    .unwrap();
+                assert_eq!(total, got.edges.len());
+                assert_eq!(
+                    top.edges,
+                    strongest(&got.edges, keep, k),
+                    "case {case} k {k}"
+                );
+            }
             assert_eq!(got.masked_probs, want.masked_probs);
             let what = format!("case {case} {backend:?}: {spec:?} tokens {tokens:?} {th:?}");
             assert_eq!(got.edges.len(), want.edges.len(), "{what}");

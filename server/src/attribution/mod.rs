@@ -7,6 +7,7 @@ pub mod layer;
 pub mod normalize;
 pub mod prompt;
 pub mod sources;
+pub mod strongest;
 
 pub use active::{ActiveEntry, extract_active};
 pub use fast::{Backend, FastEngine};
@@ -15,4 +16,5 @@ pub use layer::Layer;
 pub use normalize::normalize_by_target;
 pub use prompt::PromptCi;
 pub use sources::{Source, SourceMap};
+pub use strongest::{TopK, strongest};
 pub mod report;

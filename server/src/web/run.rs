@@ -1,7 +1,6 @@
 //! The served SPD run: the model, its attribution engine and tokenizer, and the conversion of a graph
 //! into what the browser draws (filtered by mean CI, capped, normalized).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use app::api::ApiError;
@@ -10,7 +9,7 @@ use candle_core::Device;
 
 use crate::attribution::{
     Edge, FastEngine, Graph, Layer, PromptCi, SourceMap, Thresholds, normalize_by_target,
-    reference_graph,
+    reference_graph, strongest,
 };
 use crate::model::SpdModel;
 
@@ -137,11 +136,20 @@ impl Run {
         };
         let internal = |e: crate::model::RunError| ApiError::internal(e.to_string());
         let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
-        let graph = match &self.fast {
-            Some(f) => f.graph_with_progress(&self.model, &ci, th, progress),
-            None => reference_graph(&self.model, &self.sources, &ci, th),
-        }
-        .map_err(internal)?;
+        let hidden = Hidden::new(&self.model, params, mean_ci);
+        let keep = |e: &Edge| !hidden.hides(e.source, e.c_in) && !hidden.hides(e.target, e.c_out);
+        let (graph, total) = match &self.fast {
+            Some(f) => f
+                .strongest_graph(&self.model, &ci, th, MAX_EDGES, &keep, progress)
+                .map_err(internal)?,
+            None => {
+                let mut g =
+                    reference_graph(&self.model, &self.sources, &ci, th).map_err(internal)?;
+                let total = g.edges.len();
+                g.edges = strongest(&g.edges, keep, MAX_EDGES);
+                (g, total)
+            }
+        };
         let strings = tokens.iter().map(|t| self.token_string(*t)).collect();
         Ok(to_wire(
             &self.model,
@@ -149,16 +157,65 @@ impl Run {
             strings,
             &ci,
             &graph,
+            total,
             params,
-            mean_ci,
+            &hidden,
             &|id| self.token_string(id),
         ))
     }
 }
 
-/// The wire form of a graph: alive nodes (without components whose mean CI exceeds `max_mean_ci`),
-/// the strongest [`MAX_EDGES`] edges between them (stable sort by |value|, as the original server),
-/// then normalized per target when asked.
+/// Components hidden from a view: those whose mean CI over the database exceeds `max_mean_ci`
+/// (too often on to be informative), when the user asks. A table per module, so that testing an
+/// edge costs two lookups.
+pub struct Hidden(Vec<Vec<bool>>);
+
+impl Hidden {
+    /// `mean_ci` gives a component's (`"layer:c"`) mean CI, where the database knows it.
+    pub fn new(
+        model: &SpdModel,
+        params: GraphParams,
+        mean_ci: &dyn Fn(&str) -> Option<f64>,
+    ) -> Self {
+        if params.max_mean_ci >= 1.0 {
+            return Self(Vec::new());
+        }
+        let limit = f64::from(params.max_mean_ci);
+        Self(
+            model
+                .modules
+                .iter()
+                .map(|m| {
+                    (0..m.components.c())
+                        .map(|c| mean_ci(&format!("{}:{c}", m.name)).is_some_and(|x| x > limit))
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// Nothing hidden.
+    pub fn none() -> Self {
+        Self(Vec::new())
+    }
+
+    #[inline]
+    pub fn hides(&self, layer: Layer, c: u32) -> bool {
+        match layer {
+            Layer::Module(i) => self
+                .0
+                .get(i)
+                .and_then(|m| m.get(c as usize))
+                .copied()
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+}
+
+/// The wire form of a graph whose `edges` are already the ones to draw, strongest first (see
+/// [`strongest`]; `total_edges` counts the whole graph's): alive nodes without the `hidden`
+/// components, the edges normalized per target when asked.
 #[allow(clippy::too_many_arguments)]
 pub fn to_wire(
     model: &SpdModel,
@@ -166,13 +223,12 @@ pub fn to_wire(
     tokens: Vec<String>,
     ci: &PromptCi,
     graph: &Graph,
+    total_edges: usize,
     params: GraphParams,
-    mean_ci: &dyn Fn(&str) -> Option<f64>,
+    hidden: &Hidden,
     token_str: &dyn Fn(u32) -> String,
 ) -> GraphData {
     let n = model.modules.len();
-    // Components too often on to be informative, when the user asks to hide them.
-    let mut dropped: HashSet<(Layer, u32)> = HashSet::new();
     let mut nodes = Vec::new();
     let mut outputs = Vec::new();
     for layer in Layer::all(model) {
@@ -181,16 +237,8 @@ pub fn to_wire(
                 let key = format!("{}:{s}:{c}", layer.name(model));
                 let importance = match layer {
                     Layer::Wte => 1.0,
-                    Layer::Module(i) => {
-                        if params.max_mean_ci < 1.0 {
-                            let comp = format!("{}:{c}", layer.name(model));
-                            if mean_ci(&comp).is_some_and(|m| m > f64::from(params.max_mean_ci)) {
-                                dropped.insert((layer, c));
-                                continue;
-                            }
-                        }
-                        ci.lower[i][s][c as usize]
-                    }
+                    Layer::Module(_) if hidden.hides(layer, c) => continue,
+                    Layer::Module(i) => ci.lower[i][s][c as usize],
                     Layer::Output => {
                         let prob = graph.masked_probs[s][c as usize];
                         outputs.push(OutputNode {
@@ -205,17 +253,13 @@ pub fn to_wire(
             }
         }
     }
-    let mut kept = strongest(
-        &graph.edges,
-        |e| {
-            dropped.is_empty()
-                || !dropped.contains(&(e.source, e.c_in)) && !dropped.contains(&(e.target, e.c_out))
-        },
-        MAX_EDGES,
-    );
-    if params.normalize {
-        kept = normalize_by_target(&kept);
-    }
+    let normalized;
+    let kept = if params.normalize {
+        normalized = normalize_by_target(&graph.edges);
+        &normalized
+    } else {
+        &graph.edges
+    };
     let edges = kept
         .iter()
         .map(|e| WireEdge {
@@ -230,60 +274,18 @@ pub fn to_wire(
         n_blocks: model.target.blocks.len(),
         nodes,
         edges,
-        total_edges: graph.edges.len(),
+        total_edges,
         edge_cap: MAX_EDGES,
         params,
         outputs,
     }
 }
 
-/// The `k` strongest of the `keep` edges: what a stable sort by descending |value| (the original
-/// server's) puts first, ties in the engine's order. Selects before sorting, since a graph has
-/// millions of edges and the view keeps tens of thousands: on the bench model's 1.2M-edge graph the
-/// full sort of copies took most of a request.
-fn strongest(edges: &[Edge], keep: impl Fn(&Edge) -> bool, k: usize) -> Vec<Edge> {
-    let mut idx: Vec<usize> = (0..edges.len()).filter(|&i| keep(&edges[i])).collect();
-    let order = |a: &usize, b: &usize| {
-        let (x, y) = (edges[*a].value.abs(), edges[*b].value.abs());
-        y.total_cmp(&x).then(a.cmp(b))
-    };
-    if idx.len() > k {
-        idx.select_nth_unstable_by(k, order);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(order);
-    idx.into_iter().map(|i| edges[i]).collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashSet;
 
-    /// Equal to filtering, a stable sort by |value| and truncation, on values full of ties.
-    #[test]
-    fn strongest_is_the_stable_sort_prefix() {
-        let mut rng = crate::model::synthetic::Rng::new(5);
-        let edges: Vec<Edge> = (0..5000)
-            .map(|i| Edge {
-                source: Layer::Wte,
-                target: Layer::Output,
-                c_in: i,
-                c_out: 0,
-                s_in: 0,
-                s_out: 0,
-                value: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0][rng.below(7)]
-                    * (1 + rng.below(3)) as f64,
-                is_cross_seq: false,
-            })
-            .collect();
-        let keep = |e: &Edge| e.c_in % 7 != 3;
-        for k in [0, 1, 17, 1000, 4285, 4286, 10_000] {
-            let mut want: Vec<Edge> = edges.iter().filter(|e| keep(e)).copied().collect();
-            want.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
-            want.truncate(k);
-            assert_eq!(strongest(&edges, keep, k), want, "k = {k}");
-        }
-    }
+    use super::*;
 
     fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_shared")

@@ -10,19 +10,74 @@ use std::mem::MaybeUninit;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Where a work unit puts what it produces.
+pub trait Sink<T> {
+    fn push(&mut self, item: T);
+}
+
+impl<T> Sink<T> for Vec<T> {
+    #[inline]
+    fn push(&mut self, item: T) {
+        Vec::push(self, item);
+    }
+}
+
 /// A unit's slots in the output, filled front to back.
 pub struct Slots<'a, T> {
     slots: &'a mut [MaybeUninit<T>],
     filled: usize,
 }
 
-impl<T> Slots<'_, T> {
+impl<T> Sink<T> for Slots<'_, T> {
     /// Writes the next item. Panics when the unit writes more than it announced (a bug).
     #[inline]
-    pub fn push(&mut self, item: T) {
+    fn push(&mut self, item: T) {
         self.slots[self.filled].write(item);
         self.filled += 1;
     }
+}
+
+/// Runs units `0..n` on up to `threads` threads, each thread folding the units it takes into its
+/// own state (made by `init`); returns the states. `progress(done, n)` is called on this thread as
+/// units finish.
+pub fn fold_units<S: Send>(
+    n: usize,
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(usize, &mut S) + Sync,
+    progress: &dyn Fn(usize, usize),
+) -> Vec<S> {
+    let next = AtomicUsize::new(0);
+    let threads = threads.clamp(1, n.max(1));
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let tx = tx.clone();
+                let (next, init, work) = (&next, &init, &work);
+                scope.spawn(move || {
+                    let mut state = init();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        work(i, &mut state);
+                        let _ = tx.send(());
+                    }
+                    state
+                })
+            })
+            .collect();
+        drop(tx);
+        for (done, ()) in rx.iter().enumerate() {
+            progress(done + 1, n);
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Fills `lens.iter().sum()` items on up to `threads` threads: unit `i` (run as `fill(i, slots)`)
@@ -121,6 +176,22 @@ mod tests {
             assert_eq!(seen.len(), lens.len());
         }
         assert!(fill_units::<u8>(&[], 4, |_, _| {}, &|_, _| {}).is_empty());
+    }
+
+    #[test]
+    fn folded_units_cover_every_unit_once() {
+        for threads in [1, 3, 16] {
+            let states = fold_units(
+                100,
+                threads,
+                Vec::new,
+                |i, seen: &mut Vec<usize>| seen.push(i),
+                &|_, _| {},
+            );
+            let mut all: Vec<usize> = states.into_iter().flatten().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..100).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -17,13 +17,14 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
-use self::fill::{Slots, fill_units};
+use self::fill::{Sink, fill_units, fold_units};
 use self::host::{LnBackward, Mat, dot, gelu_tanh_grad};
 use self::record::Recorded;
 use super::graph::{Edge, Graph, Thresholds, alive_nodes};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
+use super::strongest::{TopK, strongest};
 use crate::model::gpt2_simple::{LN_EPS, LnSite, ModuleId, ModuleKind, softmax_last};
 use crate::model::{RunError, SpdModel};
 
@@ -43,6 +44,16 @@ struct TargetPlan {
     target: Layer,
     step: Step,
     sources: Vec<Source>,
+}
+
+/// Which edges a run keeps.
+#[derive(Clone, Copy)]
+enum Collect<'a> {
+    All,
+    Strongest {
+        k: usize,
+        keep: &'a (dyn Fn(&Edge) -> bool + Sync),
+    },
 }
 
 /// Which hardware runs the closed forms.
@@ -243,24 +254,61 @@ impl FastEngine {
         th: Thresholds,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Graph, RunError> {
+        Ok(self.run(model, ci, th, Collect::All, progress)?.0)
+    }
+
+    /// What the explorer draws: the graph with only its `k` strongest edges that `keep` accepts,
+    /// in strength order ([`strongest`]'s, i.e. a stable sort by |value|), and the number of edges
+    /// of the whole graph. The host backend never holds the whole graph: each thread keeps a
+    /// running selection (a 512-token prompt of the bench model has 43M edges, 2.7 GB as [`Edge`]s).
+    pub fn strongest_graph(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        k: usize,
+        keep: &(dyn Fn(&Edge) -> bool + Sync),
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<(Graph, usize), RunError> {
+        self.run(model, ci, th, Collect::Strongest { k, keep }, progress)
+    }
+
+    fn run(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        collect: Collect,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<(Graph, usize), RunError> {
         let rec = Recorded::run(model, ci)?;
         let masked_logits = Mat::from_tensor(&rec.logits)?.to_rows();
         let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits)?)?.to_rows();
         let alive = alive_nodes(ci, &masked_probs, th);
-        let edges = match &self.weights {
-            Weights::Host(w) => self.host_edges(w, model, ci, &rec, &alive, progress)?,
-            Weights::Tensor(w) => tensor::edges(&self.plans, w, ci, &rec, &alive, progress)?,
+        let (edges, total) = match &self.weights {
+            Weights::Host(w) => self.host_edges(w, model, ci, &rec, &alive, collect, progress)?,
+            Weights::Tensor(w) => {
+                let all = tensor::edges(&self.plans, w, ci, &rec, &alive, progress)?;
+                let total = all.len();
+                match collect {
+                    Collect::All => (all, total),
+                    Collect::Strongest { k, keep } => (strongest(&all, keep, k), total),
+                }
+            }
         };
-        Ok(Graph {
+        let graph = Graph {
             edges,
             masked_probs,
             masked_logits,
             alive,
             n_backward_passes: 0,
-        })
+        };
+        Ok((graph, total))
     }
 
-    /// The host backend: (target, position) units over threads, joined in the reference's order.
+    /// The host backend: (target, position) units over threads. Returns the edges `collect` asks
+    /// for and the graph's edge count.
+    #[allow(clippy::too_many_arguments)]
     fn host_edges(
         &self,
         weights: &HostWeights,
@@ -268,8 +316,9 @@ impl FastEngine {
         ci: &PromptCi,
         rec: &Recorded,
         alive: &[Vec<Vec<u32>>],
+        collect: Collect,
         progress: &dyn Fn(usize, usize),
-    ) -> Result<Vec<Edge>, RunError> {
+    ) -> Result<(Vec<Edge>, usize), RunError> {
         let rec = HostRecord::new(rec)?;
         let n = model.modules.len();
         // a' ⊙ mask: the factor every edge from a component source carries.
@@ -294,32 +343,56 @@ impl FastEngine {
             coef: &coef,
             n,
         };
-        // Work units are (target, position) in the reference's order; threads take them in turn
-        // and the pieces are joined in that order, so the result does not depend on the threads.
+        // Work units are (target, position) in the reference's order; a unit's edges are a
+        // contiguous run of the graph, so where they land does not depend on the threads.
         let t = ci.tokens.len();
         let units: Vec<(&TargetPlan, usize)> = self
             .plans
             .iter()
             .flat_map(|p| (0..t).map(move |s| (p, s)))
             .collect();
-        // Each unit writes its edges straight into its place in the graph (see `fill`).
         let lens: Vec<usize> = units.iter().map(|(p, s)| ctx.unit_len(p, *s)).collect();
-        let edges = fill_units(
-            &lens,
-            available_threads(),
-            |i, out| {
-                let (plan, s) = units[i];
-                match &plan.step {
-                    Step::Residual { site, ln_weight } => {
-                        ctx.residual(plan, *site, ln_weight, s..s + 1, out)
-                    }
-                    Step::Attention { block } => ctx.attention(plan, *block, s..s + 1, out),
-                    Step::Mlp { block } => ctx.mlp(plan, *block, s..s + 1, out),
+        let total = lens.iter().sum();
+        let edges = match collect {
+            // Each unit writes its edges straight into its place in the graph (see `fill`).
+            Collect::All => fill_units(
+                &lens,
+                available_threads(),
+                |i, out| ctx.unit(units[i], out),
+                progress,
+            ),
+            // Each thread reuses one buffer for its units and keeps a running selection.
+            Collect::Strongest { k, keep } => {
+                let mut first = Vec::with_capacity(lens.len());
+                let mut at = 0;
+                for len in &lens {
+                    first.push(at);
+                    at += len;
                 }
-            },
-            progress,
-        );
-        Ok(edges)
+                let longest = lens.iter().copied().max().unwrap_or(0);
+                let parts = fold_units(
+                    units.len(),
+                    available_threads(),
+                    || (Vec::with_capacity(longest), TopK::new(k)),
+                    |i, (buf, top): &mut (Vec<Edge>, TopK)| {
+                        buf.clear();
+                        ctx.unit(units[i], buf);
+                        for (j, e) in buf.iter().enumerate() {
+                            if keep(e) {
+                                top.offer(first[i] + j, e);
+                            }
+                        }
+                    },
+                    progress,
+                );
+                let mut top = TopK::new(k);
+                for (_, part) in parts {
+                    top.merge(part);
+                }
+                top.into_sorted()
+            }
+        };
+        Ok((edges, total))
     }
 }
 
@@ -419,6 +492,17 @@ impl Ctx<'_> {
         self.alive(plan.target, s).len() * per_target
     }
 
+    /// The edges of one work unit: `plan`'s targets at one position.
+    fn unit(&self, (plan, s): (&TargetPlan, usize), out: &mut impl Sink<Edge>) {
+        match &plan.step {
+            Step::Residual { site, ln_weight } => {
+                self.residual(plan, *site, ln_weight, s..s + 1, out)
+            }
+            Step::Attention { block } => self.attention(plan, *block, s..s + 1, out),
+            Step::Mlp { block } => self.mlp(plan, *block, s..s + 1, out),
+        }
+    }
+
     fn module(&self, id: ModuleId) -> usize {
         self.model
             .module_index(id)
@@ -428,7 +512,7 @@ impl Ctx<'_> {
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
-        edges: &mut Slots<Edge>,
+        edges: &mut impl Sink<Edge>,
         src: &Source,
         target: Layer,
         c_in: u32,
@@ -456,7 +540,7 @@ impl Ctx<'_> {
         site: LnSite,
         ln_weight: &[f32],
         positions: Range<usize>,
-        edges: &mut Slots<Edge>,
+        edges: &mut impl Sink<Edge>,
     ) {
         let e = self.weights;
         let x = self.rec.residual_at(site);
@@ -505,7 +589,7 @@ impl Ctx<'_> {
         plan: &TargetPlan,
         block: usize,
         positions: Range<usize>,
-        edges: &mut Slots<Edge>,
+        edges: &mut impl Sink<Edge>,
     ) {
         let e = self.weights;
         let (nh, hd) = (self.engine.n_head, self.engine.head_dim);
@@ -647,7 +731,7 @@ impl Ctx<'_> {
         plan: &TargetPlan,
         block: usize,
         positions: Range<usize>,
-        edges: &mut Slots<Edge>,
+        edges: &mut impl Sink<Edge>,
     ) {
         let e = self.weights;
         let h = &self.rec.outputs[&ModuleId {

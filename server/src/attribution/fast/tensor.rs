@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::fill::{Slots, fill_units};
+use super::fill::{Sink, Slots, fill_units};
 use super::record::Recorded;
 use super::{Step, TargetPlan, available_threads};
 use crate::attribution::graph::Edge;
