@@ -66,6 +66,9 @@ struct Args {
     /// Batch sizes of the tf32 timing (the agreement check always runs).
     #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
     tf32_batches: Vec<usize>,
+    /// Prompts (× 32 tokens) of the `generate` throughput run on the GPU, last (0 skips it).
+    #[arg(long, default_value_t = 2048)]
+    generate_prompts: u64,
     #[arg(long)]
     skip_timing: bool,
 }
@@ -209,6 +212,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         server::device::set_tf32(false)?;
+        // Last, as it is the longest: the whole `generate` pipeline on the bench model (the fused
+        // kernels), next to candle's CI pass alone, to see what the host side costs.
+        if args.generate_prompts > 0 {
+            println!("## `generate` on the GPU, bench model\n");
+            let bench = server::generate::bench::BenchArgs {
+                prompts: args.generate_prompts,
+                n_ctx: 32,
+                batch_size: 512,
+                device: args.device.clone(),
+                ci_threshold: 0.1,
+                db_prompts: 0,
+                db_rows: 0,
+                db: None,
+                work_dir: Some(args.work.join("generate_bench")),
+            };
+            if let Err(e) = server::generate::bench::run(&bench) {
+                println!("generate bench failed: {}\n", one_line(&e));
+                ok = false;
+            }
+        }
     }
     if !ok {
         eprintln!("gpu_check: CPU and CUDA results differ (see the table)");
