@@ -215,12 +215,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Last, as it is the longest: the whole `generate` pipeline on the bench model (the fused
         // kernels), next to candle's CI pass alone, to see what the host side costs.
         if args.generate_prompts > 0 {
-            println!("## `generate` on the GPU, bench model\n");
+            println!("## `generate` on the GPU, bench model (4 pipeline workers on the one GPU)\n");
             let bench = server::generate::bench::BenchArgs {
                 prompts: args.generate_prompts,
                 n_ctx: 32,
                 batch_size: 512,
                 device: args.device.clone(),
+                workers: Some(4),
                 ci_threshold: 0.1,
                 db_prompts: 0,
                 db_rows: 0,

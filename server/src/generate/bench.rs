@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute workers of the pipeline runs, all on --device [default: one]. On a GPU several
+    /// overlap one batch's host-side extraction with the next one's CI pass.
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// The index's CI threshold (fewer rows per prompt when higher).
     #[arg(long, default_value_t = 1e-6)]
     pub ci_threshold: f32,
@@ -106,8 +110,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
     let n_tokens = (windows.len() * args.n_ctx) as f64;
 
     println!(
-        "model: {spec:?}\ndevice {}; {} prompts x {} tokens, batch {}, ci threshold {}",
+        "model: {spec:?}\ndevice {} ({} pipeline worker(s)); {} prompts x {} tokens, batch {}, ci \
+         threshold {}",
         args.device,
+        args.workers.unwrap_or(1),
         windows.len(),
         args.n_ctx,
         args.batch_size,
@@ -171,7 +177,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         thresholds: th,
         contexts: ContextParams::default(),
         devices: vec![args.device.clone()],
-        workers: None,
+        workers: args.workers,
         tf32: false,
         unfused: false,
         shard: Shard::default(),
