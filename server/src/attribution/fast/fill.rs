@@ -1,4 +1,5 @@
-//! One output vector written by many threads, each work unit into its own slice.
+//! Work units over threads: [`fold_units`] folds them into per-thread states (the server's running
+//! selection of edges); [`fill_units`] writes one output vector, each unit into its own slice.
 //!
 //! A 32-token graph of the bench-shaped model has 1.2M edges, 77 MB: on a 2-core box merely
 //! touching that memory for the first time from one thread took 29 ms, a third of the whole graph.
@@ -96,56 +97,43 @@ pub fn fill_units<T: Send>(
     let mut slices = Vec::with_capacity(lens.len());
     for &len in lens {
         let (head, tail) = rest.split_at_mut(len);
-        slices.push(head);
+        slices.push(Mutex::new(Some(head)));
         rest = tail;
     }
-    // Units are taken in order, so the ones finishing first are the early ones.
-    let queue = Mutex::new(slices.into_iter().enumerate());
-    let written = AtomicUsize::new(0);
-    let wrong = Mutex::new(Vec::new());
-    let threads = threads.clamp(1, lens.len().max(1));
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let (queue, fill, written, wrong) = (&queue, &fill, &written, &wrong);
-            scope.spawn(move || {
-                loop {
-                    let next = queue.lock().map(|mut q| q.next());
-                    let Ok(Some((i, slots))) = next else { break };
-                    let len = slots.len();
-                    let mut slots = Slots { slots, filled: 0 };
-                    fill(i, &mut slots);
-                    if slots.filled == len {
-                        written.fetch_add(len, Ordering::Relaxed);
-                    } else if let Ok(mut w) = wrong.lock() {
-                        w.push((i, slots.filled, len));
-                    }
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        for (done, ()) in rx.iter().enumerate() {
-            progress(done + 1, lens.len());
-        }
-    });
-    let wrong = wrong.into_inner().unwrap_or_default();
+    // Per thread: items written by its units, and the units that wrote a wrong number.
+    let counts = fold_units(
+        lens.len(),
+        threads,
+        || (0usize, Vec::new()),
+        |i, (written, wrong): &mut (usize, Vec<(usize, usize, usize)>)| {
+            let Some(slots) = slices[i].lock().ok().and_then(|mut s| s.take()) else {
+                return;
+            };
+            let len = slots.len();
+            let mut slots = Slots { slots, filled: 0 };
+            fill(i, &mut slots);
+            if slots.filled == len {
+                *written += len;
+            } else {
+                wrong.push((i, slots.filled, len));
+            }
+        },
+        progress,
+    );
+    let written: usize = counts.iter().map(|c| c.0).sum();
+    let wrong: Vec<_> = counts.into_iter().flat_map(|c| c.1).collect();
     assert!(
         wrong.is_empty(),
         "work units wrote a wrong number of items (unit, wrote, announced): {wrong:?}"
     );
-    // Every unit ran to completion (a panic in one would have propagated out of the scope above)
-    // and wrote exactly its `len` slots, which tile `0..total`.
-    assert_eq!(written.into_inner(), total);
+    // Every unit ran to completion (a panic in one would have propagated out of `fold_units`) and
+    // wrote exactly its `len` slots, which tile `0..total`.
+    assert_eq!(written, total);
     // SAFETY: the first `total` slots of `out`'s spare capacity are initialized (just checked) and
     // `total` ≤ capacity.
     unsafe { out.set_len(total) };
     out
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
