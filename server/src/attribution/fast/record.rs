@@ -102,11 +102,15 @@ impl Recorded {
     }
 
     pub fn residual_at(&self, site: LnSite) -> &Tensor {
-        &self
-            .residual
-            .iter()
-            .find(|(s, _)| *s == site)
-            .expect("every LayerNorm runs")
-            .1
+        at_site(&self.residual, site)
     }
+}
+
+/// The entry of `site` in a per-LayerNorm list (every LayerNorm runs, so it is there).
+pub(super) fn at_site<T>(per_site: &[(LnSite, T)], site: LnSite) -> &T {
+    &per_site
+        .iter()
+        .find(|(s, _)| *s == site)
+        .expect("every LayerNorm runs")
+        .1
 }
