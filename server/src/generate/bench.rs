@@ -18,7 +18,8 @@ use crate::store::{queries, schema, writer};
 use super::GenerateError;
 use super::contexts::{ContextParams, Contexts};
 use super::corpus::{self, Window};
-use super::extract;
+use super::entries::{CiThresholds, reference_entries, reference_output_entries};
+use super::extract::{self, EntryBatch};
 use super::pipeline::{self, GenerateConfig, Input, Progress, Shard};
 use super::synthetic;
 use crate::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
@@ -160,6 +161,47 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         Ok(())
     })?;
 
+    // The host side of the fused CUDA path: the same batches as entries (made here by the kernels'
+    // host reference, untimed), reduced by `extract_entries`.
+    let entries_s = Cell::new(0.0);
+    time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
+        let (ci, probs) = extract::forward(&model, tokens)?;
+        let windows: Vec<Window> = batch
+            .iter()
+            .map(|t| Window {
+                index: 0,
+                tokens: t.clone(),
+            })
+            .collect();
+        let ctx = ContextParams::default();
+        let lens: Vec<u32> = batch.iter().map(|t| t.len() as u32).collect();
+        let th_entries = CiThresholds {
+            active: EntryBatch::active_threshold(th, &ctx),
+            firing: ctx.threshold,
+        };
+        let (ci_entries, sum_ci, n_firing) = reference_entries(&ci, th_entries, Some(&lens))?;
+        let outputs = reference_output_entries(&probs, &lens, th.output_prob)?;
+        let entries = EntryBatch {
+            ci: ci_entries,
+            outputs,
+            sum_ci,
+            n_firing,
+        };
+        let start = Instant::now();
+        extract::extract_entries(
+            entries,
+            &ci,
+            model.vocab_size(),
+            &windows,
+            th,
+            &ctx,
+            &floors,
+            extract::ScanMode::for_device(model.device()),
+        )?;
+        entries_s.set(entries_s.get() + start.elapsed().as_secs_f64());
+        Ok(())
+    })?;
+
     let db_path = dir.join("pipeline.db");
     let cfg = GenerateConfig {
         model: run_dir.clone(),
@@ -216,6 +258,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         1e3 * extract_s.get() / extract_n.get().max(1) as f64,
         n_tokens / ci_extract,
         100.0 * ci_only / ci_extract
+    );
+    println!(
+        "| extraction alone from entries (the fused CUDA path's host side): {:.0} ms per batch | | |",
+        1e3 * entries_s.get() / extract_n.get().max(1) as f64,
     );
     let write_s = time_writer(&db_path, &dir.join("rewrite.db"), &model, args.batch_size)?;
     println!(
