@@ -188,60 +188,45 @@ fn finish(
     let lens: Vec<usize> = windows.iter().map(|w| w.tokens.len()).collect();
     let c = ci.first().map_or(0, |t| t.dims()[2]);
 
-    let mut prompts = Vec::with_capacity(windows.len());
-    for (b, w) in windows.iter().enumerate() {
-        let len = w.tokens.len() as u32;
-        let mut rows = vec![ActivationRow {
-            key: 0,
-            max_ci: 1.0,
-            positions: (0..len).collect(),
-        }];
-        for col in 0..scan.n_cols {
-            let max = scan.max[b * scan.n_cols + col];
-            let thr = if col < scan.n_ci {
-                th.ci
-            } else {
-                th.output_prob
-            };
-            if max >= thr {
-                rows.push(ActivationRow {
-                    key: col as u32 + 1,
-                    max_ci: max,
-                    positions: scan.positions(b, col),
-                });
-            }
-        }
-        prompts.push(PromptRows {
-            token_ids: w.tokens.clone(),
-            rows,
-        });
-    }
+    // Prompts' rows and columns' context picks are independent: both are split over threads (the
+    // host side of a GPU batch is otherwise slower than the GPU's CI pass), and joined in order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let prompts: Vec<PromptRows> = in_parallel(windows.len(), threads, |range| {
+        range
+            .map(|b| prompt_rows(&scan, b, &windows[b], th))
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
 
-    // Context candidates: per column the batch's best prompts that beat the column's current floor.
-    let mut cands: Vec<(u32, f32, usize)> = vec![];
-    for b in 0..windows.len() {
-        for (col, floor) in floors.iter().enumerate().take(scan.n_ci) {
-            let m = scan.max[b * scan.n_cols + col];
-            if m > ctx.threshold && m >= f32::from_bits(floor.load(Ordering::Relaxed)) {
-                cands.push((col as u32, m, b));
+    // Context candidates: per column the batch's best prompts that beat the column's current floor,
+    // by (max desc, prompt), the first `top_k` of them.
+    let picked: Vec<(u32, usize, std::ops::Range<usize>)> =
+        in_parallel(scan.n_ci, threads, |cols| {
+            let mut picked = vec![];
+            let mut cands: Vec<(f32, usize)> = vec![];
+            for col in cols {
+                let floor = f32::from_bits(floors[col].load(Ordering::Relaxed));
+                cands.clear();
+                for b in 0..windows.len() {
+                    let m = scan.max[b * scan.n_cols + col];
+                    if m > ctx.threshold && m >= floor {
+                        cands.push((m, b));
+                    }
+                }
+                cands.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                for &(_, b) in cands.iter().take(ctx.top_k) {
+                    let p = scan.argmax[b * scan.n_ci + col] as usize;
+                    let range = p.saturating_sub(ctx.radius)..(p + ctx.radius + 1).min(lens[b]);
+                    picked.push((col as u32, b, range));
+                }
             }
-        }
-    }
-    cands.sort_by(|x, y| x.0.cmp(&y.0).then(y.1.total_cmp(&x.1)).then(x.2.cmp(&y.2)));
-    let mut picked: Vec<(u32, usize, std::ops::Range<usize>)> = vec![];
-    let mut rank = 0;
-    for (i, &(col, _, b)) in cands.iter().enumerate() {
-        rank = if i > 0 && cands[i - 1].0 == col {
-            rank + 1
-        } else {
-            0
-        };
-        if rank < ctx.top_k {
-            let p = scan.argmax[b * scan.n_ci + col as usize] as usize;
-            let range = p.saturating_sub(ctx.radius)..(p + ctx.radius + 1).min(lens[b]);
-            picked.push((col, b, range));
-        }
-    }
+            picked
+        })
+        .into_iter()
+        .flatten()
+        .collect();
     let values = gather(ci, &picked, c, mode)?;
     let mut examples = Vec::with_capacity(picked.len());
     for ((col, b, range), ci) in picked.into_iter().zip(values) {
@@ -266,6 +251,59 @@ fn finish(
             n_firing: scan.n_firing,
             examples,
         },
+    })
+}
+
+/// One prompt's index rows: `wte:0` at every position, then each column whose max reaches its
+/// threshold, in column order.
+fn prompt_rows(scan: &Scan, b: usize, w: &Window, th: Thresholds) -> PromptRows {
+    let len = w.tokens.len() as u32;
+    let mut rows = vec![ActivationRow {
+        key: 0,
+        max_ci: 1.0,
+        positions: (0..len).collect(),
+    }];
+    for col in 0..scan.n_cols {
+        let max = scan.max[b * scan.n_cols + col];
+        let thr = if col < scan.n_ci {
+            th.ci
+        } else {
+            th.output_prob
+        };
+        if max >= thr {
+            rows.push(ActivationRow {
+                key: col as u32 + 1,
+                max_ci: max,
+                positions: scan.positions(b, col),
+            });
+        }
+    }
+    PromptRows {
+        token_ids: w.tokens.clone(),
+        rows,
+    }
+}
+
+/// `work` over `0..n` split into one contiguous range per thread (at most `threads`); the results
+/// in range order.
+fn in_parallel<R: Send>(
+    n: usize,
+    threads: usize,
+    work: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
+    let per = n.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                let work = &work;
+                scope.spawn(move || work(start..(start + per).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     })
 }
 
