@@ -24,7 +24,7 @@ use super::graph::{Edge, Graph, Thresholds, alive_nodes};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
-use super::strongest::{TopK, strongest};
+use super::strongest::TopK;
 use crate::model::gpt2_simple::{LN_EPS, LnSite, ModuleId, ModuleKind, softmax_last};
 use crate::model::{RunError, SpdModel};
 
@@ -54,6 +54,78 @@ enum Collect<'a> {
         k: usize,
         keep: &'a (dyn Fn(&Edge) -> bool + Sync),
     },
+}
+
+/// A graph's work units: unit `i` writes `lens()[i]` edges, a contiguous run of the graph in the
+/// engine's order, so a unit's first edge index is the sum of the lengths before it.
+trait Units: Sync {
+    fn lens(&self) -> &[usize];
+    fn write(&self, i: usize, out: &mut impl Sink<Edge>);
+}
+
+/// Runs every unit on all threads into what `collect` asks for: the whole graph, each unit
+/// writing in place (see `fill`), or the strongest edges, each thread reusing one buffer for its
+/// units and keeping a running selection.
+fn collect_units(
+    units: &impl Units,
+    collect: Collect,
+    progress: &dyn Fn(usize, usize),
+) -> Vec<Edge> {
+    let lens = units.lens();
+    match collect {
+        Collect::All => fill_units(
+            lens,
+            available_threads(),
+            |i, out| units.write(i, out),
+            progress,
+        ),
+        Collect::Strongest { k, keep } => {
+            let mut first = Vec::with_capacity(lens.len());
+            let mut at = 0;
+            for len in lens {
+                first.push(at);
+                at += len;
+            }
+            let longest = lens.iter().copied().max().unwrap_or(0);
+            let parts = fold_units(
+                lens.len(),
+                available_threads(),
+                || (Vec::with_capacity(longest), TopK::new(k)),
+                |i, (buf, top): &mut (Vec<Edge>, TopK)| {
+                    buf.clear();
+                    units.write(i, buf);
+                    for (j, e) in buf.iter().enumerate() {
+                        if keep(e) {
+                            top.offer(first[i] + j, e);
+                        }
+                    }
+                },
+                progress,
+            );
+            let mut top = TopK::new(k);
+            for (_, part) in parts {
+                top.merge(part);
+            }
+            top.into_sorted()
+        }
+    }
+}
+
+/// The host backend's units: (target plan, position).
+struct HostUnits<'a> {
+    ctx: &'a Ctx<'a>,
+    units: &'a [(&'a TargetPlan, usize)],
+    lens: &'a [usize],
+}
+
+impl Units for HostUnits<'_> {
+    fn lens(&self) -> &[usize] {
+        self.lens
+    }
+
+    fn write(&self, i: usize, out: &mut impl Sink<Edge>) {
+        self.ctx.unit(self.units[i], out);
+    }
 }
 
 /// Which hardware runs the closed forms.
@@ -288,12 +360,7 @@ impl FastEngine {
         let (edges, total) = match &self.weights {
             Weights::Host(w) => self.host_edges(w, model, ci, &rec, &alive, collect, progress)?,
             Weights::Tensor(w) => {
-                let all = tensor::edges(&self.plans, w, ci, &rec, &alive, progress)?;
-                let total = all.len();
-                match collect {
-                    Collect::All => (all, total),
-                    Collect::Strongest { k, keep } => (strongest(&all, keep, k), total),
-                }
+                tensor::edges(&self.plans, w, ci, &rec, &alive, collect, progress)?
             }
         };
         let graph = Graph {
@@ -353,45 +420,15 @@ impl FastEngine {
             .collect();
         let lens: Vec<usize> = units.iter().map(|(p, s)| ctx.unit_len(p, *s)).collect();
         let total = lens.iter().sum();
-        let edges = match collect {
-            // Each unit writes its edges straight into its place in the graph (see `fill`).
-            Collect::All => fill_units(
-                &lens,
-                available_threads(),
-                |i, out| ctx.unit(units[i], out),
-                progress,
-            ),
-            // Each thread reuses one buffer for its units and keeps a running selection.
-            Collect::Strongest { k, keep } => {
-                let mut first = Vec::with_capacity(lens.len());
-                let mut at = 0;
-                for len in &lens {
-                    first.push(at);
-                    at += len;
-                }
-                let longest = lens.iter().copied().max().unwrap_or(0);
-                let parts = fold_units(
-                    units.len(),
-                    available_threads(),
-                    || (Vec::with_capacity(longest), TopK::new(k)),
-                    |i, (buf, top): &mut (Vec<Edge>, TopK)| {
-                        buf.clear();
-                        ctx.unit(units[i], buf);
-                        for (j, e) in buf.iter().enumerate() {
-                            if keep(e) {
-                                top.offer(first[i] + j, e);
-                            }
-                        }
-                    },
-                    progress,
-                );
-                let mut top = TopK::new(k);
-                for (_, part) in parts {
-                    top.merge(part);
-                }
-                top.into_sorted()
-            }
-        };
+        let edges = collect_units(
+            &HostUnits {
+                ctx: &ctx,
+                units: &units,
+                lens: &lens,
+            },
+            collect,
+            progress,
+        );
         Ok((edges, total))
     }
 }

@@ -14,9 +14,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::fill::{Sink, Slots, fill_units};
+use super::fill::Sink;
 use super::record::Recorded;
-use super::{Step, TargetPlan, available_threads};
+use super::{Collect, Step, TargetPlan, Units, collect_units};
 use crate::attribution::graph::Edge;
 use crate::attribution::layer::Layer;
 use crate::attribution::prompt::PromptCi;
@@ -209,8 +209,9 @@ pub(super) fn edges(
     ci: &PromptCi,
     rec: &Recorded,
     alive: &[Vec<Vec<u32>>],
+    collect: Collect,
     progress: &dyn Fn(usize, usize),
-) -> Result<Vec<Edge>, RunError> {
+) -> Result<(Vec<Edge>, usize), RunError> {
     let dev = rec.logits.device().clone();
     let t = ci.tokens.len();
     let n = w.u.len();
@@ -256,7 +257,8 @@ pub(super) fn edges(
             .to_device(&Device::Cpu)?
             .to_vec1()?
     };
-    lay_out(plans, &rows, &pairs, &values)
+    let layout = Layout::new(plans, &rows, &pairs, &values)?;
+    Ok((collect_units(&layout, collect, &|_, _| {}), values.len()))
 }
 
 /// Computes one plan's values: per source, pieces ordered by target row, then source pair.
@@ -457,67 +459,98 @@ fn plan_pieces(
 /// largest plans split across threads.
 const UNIT_EDGES: usize = 1 << 15;
 
-/// Lays the read-back values out as edges, in parallel. Values come plan by plan, source by
-/// source, each source's ordered by target row then pair; edges interleave the sources per target
-/// row.
-fn lay_out(
-    plans: &[TargetPlan],
-    rows: &[Pairs],
-    pairs: &[Pairs],
-    values: &[f32],
-) -> Result<Vec<Edge>, RunError> {
-    let src_pairs = |layer: Layer| match layer {
-        Layer::Module(j) => Some(&pairs[j]),
-        _ => None,
-    };
-    // Edges of `src` into a target row at `s`.
-    let count = |layer: Layer, cross: bool, s: u32| match src_pairs(layer) {
-        None => 1,
-        Some(p) if cross => p.start[s as usize + 1],
-        Some(p) => p.at(s as usize).len(),
-    };
-    // Work units: (plan, target rows, where each source's values start at the first row).
-    let mut units: Vec<(usize, std::ops::Range<usize>, Vec<usize>)> = Vec::new();
-    let mut lens = Vec::new();
-    let mut base = 0;
-    for ((p_idx, plan), rows) in plans.iter().enumerate().zip(rows) {
-        let mut cursor = Vec::with_capacity(plan.sources.len());
-        for src in &plan.sources {
-            cursor.push(base);
-            base += rows
-                .s
-                .iter()
-                .map(|&s| count(src.layer, src.cross_seq, s))
-                .sum::<usize>();
+/// The read-back values laid out as edges, in work units of whole target rows. Values come plan
+/// by plan, source by source, each source's ordered by target row then pair; edges interleave the
+/// sources per target row.
+struct Layout<'a> {
+    plans: &'a [TargetPlan],
+    rows: &'a [Pairs],
+    pairs: &'a [Pairs],
+    values: &'a [f32],
+    /// (plan, target rows, where each source's values start at the first row)
+    units: Vec<(usize, std::ops::Range<usize>, Vec<usize>)>,
+    lens: Vec<usize>,
+}
+
+impl<'a> Layout<'a> {
+    fn new(
+        plans: &'a [TargetPlan],
+        rows: &'a [Pairs],
+        pairs: &'a [Pairs],
+        values: &'a [f32],
+    ) -> Result<Self, RunError> {
+        let mut layout = Layout {
+            plans,
+            rows,
+            pairs,
+            values,
+            units: Vec::new(),
+            lens: Vec::new(),
+        };
+        let mut base = 0;
+        for ((p_idx, plan), rows) in plans.iter().enumerate().zip(rows) {
+            let mut cursor = Vec::with_capacity(plan.sources.len());
+            for src in &plan.sources {
+                cursor.push(base);
+                base += rows
+                    .s
+                    .iter()
+                    .map(|&s| layout.count(src.layer, src.cross_seq, s))
+                    .sum::<usize>();
+            }
+            let (mut first, mut len, mut at_first) = (0, 0, cursor.clone());
+            for (r, &s) in rows.s.iter().enumerate() {
+                for (src, at) in plan.sources.iter().zip(cursor.iter_mut()) {
+                    let c = layout.count(src.layer, src.cross_seq, s);
+                    *at += c;
+                    len += c;
+                }
+                if len >= UNIT_EDGES || r + 1 == rows.len() {
+                    layout.units.push((
+                        p_idx,
+                        first..r + 1,
+                        std::mem::replace(&mut at_first, cursor.clone()),
+                    ));
+                    layout.lens.push(len);
+                    (first, len) = (r + 1, 0);
+                }
+            }
         }
-        let (mut first, mut len, mut at_first) = (0, 0, cursor.clone());
-        for (r, &s) in rows.s.iter().enumerate() {
-            for (src, at) in plan.sources.iter().zip(cursor.iter_mut()) {
-                let c = count(src.layer, src.cross_seq, s);
-                *at += c;
-                len += c;
-            }
-            if len >= UNIT_EDGES || r + 1 == rows.len() {
-                units.push((
-                    p_idx,
-                    first..r + 1,
-                    std::mem::replace(&mut at_first, cursor.clone()),
-                ));
-                lens.push(len);
-                (first, len) = (r + 1, 0);
-            }
+        if base != values.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor engine: {} values read back for {base} edges",
+                values.len()
+            ))
+            .into());
+        }
+        Ok(layout)
+    }
+
+    fn source_pairs(&self, layer: Layer) -> Option<&'a Pairs> {
+        match layer {
+            Layer::Module(j) => Some(&self.pairs[j]),
+            _ => None,
         }
     }
-    if base != values.len() {
-        return Err(candle_core::Error::Msg(format!(
-            "tensor engine: {} values read back for {base} edges",
-            values.len()
-        ))
-        .into());
+
+    /// Edges of a source into a target row at `s`.
+    fn count(&self, layer: Layer, cross: bool, s: u32) -> usize {
+        match self.source_pairs(layer) {
+            None => 1,
+            Some(p) if cross => p.start[s as usize + 1],
+            Some(p) => p.at(s as usize).len(),
+        }
     }
-    let fill = |i: usize, out: &mut Slots<Edge>| {
-        let (p_idx, range, at_first) = &units[i];
-        let (plan, rows) = (&plans[*p_idx], &rows[*p_idx]);
+}
+
+impl Units for Layout<'_> {
+    fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    fn write(&self, i: usize, out: &mut impl Sink<Edge>) {
+        let (p_idx, range, at_first) = &self.units[i];
+        let (plan, rows) = (&self.plans[*p_idx], &self.rows[*p_idx]);
         let mut cursor = at_first.clone();
         for (&s, &c_out) in rows.s[range.clone()].iter().zip(&rows.c[range.clone()]) {
             for (src, at) in plan.sources.iter().zip(cursor.iter_mut()) {
@@ -529,12 +562,12 @@ fn lay_out(
                         c_out,
                         s_in,
                         s_out: s,
-                        value: values[*at] as f64,
+                        value: self.values[*at] as f64,
                         is_cross_seq: src.cross_seq,
                     });
                     *at += 1;
                 };
-                match src_pairs(src.layer) {
+                match self.source_pairs(src.layer) {
                     None => push(s, 0),
                     Some(p) if src.cross_seq => {
                         for k in 0..p.start[s as usize + 1] {
@@ -549,8 +582,7 @@ fn lay_out(
                 }
             }
         }
-    };
-    Ok(fill_units(&lens, available_threads(), fill, &|_, _| {}))
+    }
 }
 
 #[cfg(test)]
