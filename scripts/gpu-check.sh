@@ -11,7 +11,7 @@
 #    output entries, the fixtures' graphs), `generate` on the GPU (fused kernels with one and two
 #    workers, candle's ops) against the CPU's database, tf32 agreement, one prompt's graph at
 #    32/128/512 tokens (tensor backend on the GPU vs host backend vs all-CPU), the fused CI pass
-#    timed at batch sizes 64…16384 × 32 tokens, then `generate bench` on the GPU (2048 prompts);
+#    timed at batch sizes 64…16384 × 32 tokens, then `generate bench` on the GPU (1024 prompts);
 # 2. scripts/gpu_check_torch.py: the same CI math in PyTorch, cross-checked and timed, and the
 #    Rust/PyTorch table last.
 # Exits non-zero if any check fails. With $OUT set, the JSON results are copied there.

@@ -68,7 +68,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
     tf32_batches: Vec<usize>,
     /// Prompts (× 32 tokens) of the `generate` throughput run on the GPU, last (0 skips it).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     generate_prompts: u64,
     #[arg(long)]
     skip_timing: bool,

@@ -161,11 +161,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         Ok(())
     })?;
 
-    // The host side of the fused CUDA path: the same batches as entries (made here by the kernels'
-    // host reference, untimed), reduced by `extract_entries`.
+    // The host side of the fused CUDA path: the same batches as entries (on a GPU from the fused
+    // kernels; elsewhere from their host reference, untimed), reduced by `extract_entries`.
     let entries_s = Cell::new(0.0);
     time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
-        let (ci, probs) = extract::forward(&model, tokens)?;
         let windows: Vec<Window> = batch
             .iter()
             .map(|t| Window {
@@ -179,14 +178,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
             active: EntryBatch::active_threshold(th, &ctx),
             firing: ctx.threshold,
         };
-        let (ci_entries, sum_ci, n_firing) = reference_entries(&ci, th_entries, Some(&lens))?;
-        let outputs = reference_output_entries(&probs, &lens, th.output_prob)?;
-        let entries = EntryBatch {
-            ci: ci_entries,
-            outputs,
-            sum_ci,
-            n_firing,
-        };
+        let (entries, ci) = entry_batch(&model, tokens, th_entries, th.output_prob, &lens)?;
         let start = Instant::now();
         extract::extract_entries(
             entries,
@@ -291,6 +283,40 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         search_bench(&db, args.db_prompts, args.db_rows, &model)?;
     }
     Ok(())
+}
+
+/// A batch as entries and its dense lower CI: from the fused kernels on a CUDA device, from their
+/// host reference elsewhere.
+fn entry_batch(
+    model: &SpdModel,
+    tokens: &Tensor,
+    th: CiThresholds,
+    output_prob: f32,
+    lens: &[u32],
+) -> candle_core::Result<(EntryBatch, Vec<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if model.device().is_cuda() {
+        use crate::cuda::{Dense, ci_pass, output_entries};
+        let fused = ci_pass(model, tokens, th, Some(lens), Dense::Device)?;
+        let outputs = output_entries(&fused.logits, lens, output_prob)?;
+        let batch = EntryBatch {
+            ci: fused.entries,
+            outputs,
+            sum_ci: fused.sum_ci,
+            n_firing: fused.n_firing,
+        };
+        return Ok((batch, fused.dense.unwrap_or_default()));
+    }
+    let (ci, probs) = extract::forward(model, tokens)?;
+    let (entries, sum_ci, n_firing) = reference_entries(&ci, th, Some(lens))?;
+    let outputs = reference_output_entries(&probs, lens, output_prob)?;
+    let batch = EntryBatch {
+        ci: entries,
+        outputs,
+        sum_ci,
+        n_firing,
+    };
+    Ok((batch, ci))
 }
 
 /// Seconds for the batches of `windows` through `pass` (after one warm-up batch).
