@@ -82,6 +82,38 @@ fn prints_the_fixture_graph_as_json() {
         "attribute cli",
     );
 
+    // --top: the strongest edges of the whole graph, in strength order (ties in engine order), on
+    // both engines.
+    let all = doc["edges"].as_array().unwrap();
+    let mut want: Vec<&Value> = all.iter().collect();
+    want.sort_by(|a, b| {
+        let v = |e: &Value| e[6].as_f64().unwrap().abs();
+        v(b).total_cmp(&v(a))
+    });
+    for engine in ["fast", "reference"] {
+        let out = attribute(&[
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            &tokens.join(","),
+            "--engine",
+            engine,
+            "--top",
+            "25",
+        ]);
+        let top: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(top["total_edges"], all.len(), "{engine}");
+        let got = top["edges"].as_array().unwrap();
+        assert_eq!(got.len(), 25.min(all.len()), "{engine}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                g.as_array().unwrap()[..6],
+                w.as_array().unwrap()[..6],
+                "{engine}"
+            );
+        }
+    }
+
     let out = attribute(&[
         "--model",
         dir.to_str().unwrap(),

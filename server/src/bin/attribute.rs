@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use server::attribution::{FastEngine, PromptCi, SourceMap, Thresholds, reference_graph, report};
+use server::attribution::{
+    FastEngine, PromptCi, SourceMap, Thresholds, reference_graph, report, strongest,
+};
 use server::model::SpdModel;
 
 /// Computes the attribution graph of one prompt of an SPD run and prints it as JSON.
@@ -45,6 +47,11 @@ struct Args {
     /// original); both give the same edges.
     #[arg(long, value_enum, default_value_t = Engine::Fast)]
     engine: Engine,
+    /// Keep only the N strongest edges (by |value|, ties in the engine's order; --normalize then
+    /// normalizes those), as the explorer keeps 30000. The fast engine never holds the others; the
+    /// whole graph's edge count is reported as `total_edges`.
+    #[arg(long, value_name = "N")]
+    top: Option<usize>,
     /// Write the JSON here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -82,13 +89,25 @@ fn run(args: Args) -> Result<(), String> {
     let ci = PromptCi::compute(&model, &tokens).map_err(|e| e.to_string())?;
     let ci_ms = start.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
-    let graph = match &fast {
-        Some(engine) => engine.graph(&model, &ci, th),
-        None => reference_graph(&model, &sources, &ci, th),
+    let (graph, total) = match (&fast, args.top) {
+        (Some(engine), Some(k)) => {
+            engine.strongest_graph(&model, &ci, th, k, &|_| true, &|_, _| {})
+        }
+        (Some(engine), None) => engine.graph(&model, &ci, th).map(|g| {
+            let n = g.edges.len();
+            (g, n)
+        }),
+        (None, top) => reference_graph(&model, &sources, &ci, th).map(|mut g| {
+            let n = g.edges.len();
+            if let Some(k) = top {
+                g.edges = strongest(&g.edges, |_| true, k);
+            }
+            (g, n)
+        }),
     }
     .map_err(|e| e.to_string())?;
     let graph_ms = start.elapsed().as_secs_f64() * 1e3;
-    let doc = report::report(
+    let mut doc = report::report(
         &model,
         &sources,
         &ci,
@@ -97,6 +116,10 @@ fn run(args: Args) -> Result<(), String> {
         args.normalize,
         report::Timing { ci_ms, graph_ms },
     );
+    if let (Some(k), Some(map)) = (args.top, doc.as_object_mut()) {
+        map.insert("top".into(), k.into());
+        map.insert("total_edges".into(), total.into());
+    }
     let text = serde_json::to_string(&doc).map_err(|e| e.to_string())?;
     match &args.out {
         Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?,
