@@ -127,7 +127,18 @@ mod tests {
     fn strongest_is_the_stable_sort_prefix() {
         let edges = edges(20_000, 5);
         let keep = |e: &Edge| e.c_in % 7 != 3;
-        for k in [0, 1, 17, 1000, 4096, 9000, 17_142, 17_143, 30_000, usize::MAX] {
+        for k in [
+            0,
+            1,
+            17,
+            1000,
+            4096,
+            9000,
+            17_142,
+            17_143,
+            30_000,
+            usize::MAX,
+        ] {
             assert_eq!(
                 strongest(&edges, keep, k),
                 stable_sort_prefix(&edges, keep, k),

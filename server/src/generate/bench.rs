@@ -137,13 +137,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
     let (extract_s, extract_n) = (Cell::new(0.0), Cell::new(0usize));
     let ci_extract = time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
         let (ci, probs) = extract::forward(&model, tokens)?;
-        let batch: Vec<Window> = batch
-            .iter()
-            .map(|t| Window {
-                index: 0,
-                tokens: t.clone(),
-            })
-            .collect();
+        let batch = as_windows(batch);
         let mode = extract::ScanMode::for_device(model.device());
         let start = Instant::now();
         let ex = extract::extract(
@@ -165,13 +159,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
     // kernels; elsewhere from their host reference, untimed), reduced by `extract_entries`.
     let entries_s = Cell::new(0.0);
     time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
-        let windows: Vec<Window> = batch
-            .iter()
-            .map(|t| Window {
-                index: 0,
-                tokens: t.clone(),
-            })
-            .collect();
+        let windows = as_windows(batch);
         let ctx = ContextParams::default();
         let lens: Vec<u32> = batch.iter().map(|t| t.len() as u32).collect();
         let th_entries = CiThresholds {
@@ -283,6 +271,17 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         search_bench(&db, args.db_prompts, args.db_rows, &model)?;
     }
     Ok(())
+}
+
+/// Token lists as the windows `extract` takes (their corpus index does not matter here).
+fn as_windows(batch: &[Vec<u32>]) -> Vec<Window> {
+    batch
+        .iter()
+        .map(|t| Window {
+            index: 0,
+            tokens: t.clone(),
+        })
+        .collect()
 }
 
 /// A batch as entries and its dense lower CI: from the fused kernels on a CUDA device, from their

@@ -22,15 +22,6 @@ impl Mat {
         Ok(Self { rows, cols, data })
     }
 
-    pub fn from_rows(rows: &[Vec<f32>]) -> Self {
-        let cols = rows.first().map_or(0, Vec::len);
-        Self {
-            rows: rows.len(),
-            cols,
-            data: rows.concat(),
-        }
-    }
-
     #[inline]
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]

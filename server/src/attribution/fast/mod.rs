@@ -388,26 +388,13 @@ impl FastEngine {
     ) -> Result<(Vec<Edge>, usize), RunError> {
         let rec = HostRecord::new(rec)?;
         let n = model.modules.len();
-        // a' ⊙ mask: the factor every edge from a component source carries.
-        let coef: Vec<Mat> = rec
-            .acts
-            .iter()
-            .zip(&ci.lower)
-            .map(|(a, m)| {
-                let mask = Mat::from_rows(m);
-                Mat {
-                    data: a.data.iter().zip(&mask.data).map(|(x, y)| x * y).collect(),
-                    ..a.clone()
-                }
-            })
-            .collect();
         let ctx = Ctx {
             engine: self,
             weights,
             model,
             rec: &rec,
             alive,
-            coef: &coef,
+            coef: &rec.coef,
             n,
         };
         // Work units are (target, position) in the reference's order; a unit's edges are a
@@ -451,7 +438,7 @@ impl Mat {
 struct HostRecord {
     embed: Mat,
     outputs: HashMap<ModuleId, Mat>,
-    acts: Vec<Mat>,
+    coef: Vec<Mat>,
     residual: Vec<(LnSite, Mat)>,
     /// Per block, attention probabilities `[H][T][T]` flattened.
     probs: Vec<Vec<f32>>,
@@ -466,8 +453,8 @@ impl HostRecord {
                 .iter()
                 .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
                 .collect::<candle_core::Result<_>>()?,
-            acts: rec
-                .acts
+            coef: rec
+                .coef
                 .iter()
                 .map(Mat::from_tensor)
                 .collect::<candle_core::Result<_>>()?,

@@ -18,8 +18,9 @@ pub(super) struct Recorded {
     pub embed: Tensor,
     /// Outputs of every projection (masked component outputs where decomposed), `[T, d_out]`.
     pub outputs: HashMap<ModuleId, Tensor>,
-    /// Component acts `x V` of every decomposed module, `[T, C]`.
-    pub acts: Vec<Tensor>,
+    /// Per decomposed module, `a' ⊙ mask` (component acts `x V` times the CI mask), `[T, C]`: the
+    /// factor every edge from a component source carries.
+    pub coef: Vec<Tensor>,
     /// The residual stream entering each LayerNorm, `[T, d]`.
     pub residual: Vec<(LnSite, Tensor)>,
     /// Per block, attention probabilities `[H, T, T]`.
@@ -90,11 +91,12 @@ impl Recorded {
         Ok(Self {
             embed: hook.embed.expect("the forward embeds"),
             outputs: hook.outputs,
-            acts: hook
+            coef: hook
                 .acts
                 .into_iter()
-                .map(|a| a.expect("every module runs"))
-                .collect(),
+                .zip(&ci.lower_tensors)
+                .map(|(a, m)| a.expect("every module runs") * m.squeeze(0)?)
+                .collect::<candle_core::Result<_>>()?,
             residual: hook.residual,
             probs: hook.probs,
             logits,

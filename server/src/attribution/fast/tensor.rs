@@ -218,13 +218,7 @@ pub(super) fn edges(
     let pairs: Vec<Pairs> = (0..n)
         .map(|j| Pairs::new(&alive[Layer::Module(j).index(n)]))
         .collect();
-    // a' ⊙ mask: the factor every edge from a component source carries, `[T, C]`.
-    let coef: Vec<Tensor> = rec
-        .acts
-        .iter()
-        .zip(&ci.lower_tensors)
-        .map(|(a, m)| a * m.squeeze(0)?)
-        .collect::<candle_core::Result<_>>()?;
+    let coef = &rec.coef;
     // Each plan's target rows: its alive (position, component) pairs.
     let rows: Vec<Pairs> = plans
         .iter()
@@ -237,7 +231,7 @@ pub(super) fn edges(
             plan_pieces(
                 w,
                 rec,
-                &coef,
+                coef,
                 &pairs,
                 p_idx,
                 plan,
