@@ -314,25 +314,15 @@ impl FastEngine {
         ci: &PromptCi,
         th: Thresholds,
     ) -> Result<Graph, RunError> {
-        self.graph_with_progress(model, ci, th, &|_, _| {})
-    }
-
-    /// [`Self::graph`], calling `progress(done, total)` as work units finish (from this thread), so
-    /// a server can tell a waiting user how far a long prompt has got.
-    pub fn graph_with_progress(
-        &self,
-        model: &SpdModel,
-        ci: &PromptCi,
-        th: Thresholds,
-        progress: &dyn Fn(usize, usize),
-    ) -> Result<Graph, RunError> {
-        Ok(self.run(model, ci, th, Collect::All, progress)?.0)
+        Ok(self.run(model, ci, th, Collect::All, &|_, _| {})?.0)
     }
 
     /// What the explorer draws: the graph with only its `k` strongest edges that `keep` accepts,
     /// in strength order ([`strongest`]'s, i.e. a stable sort by |value|), and the number of edges
     /// of the whole graph. The host backend never holds the whole graph: each thread keeps a
     /// running selection (a 512-token prompt of the bench model has 43M edges, 2.7 GB as [`Edge`]s).
+    /// `progress(done, total)` is called on this thread as work units finish, so a server can tell
+    /// a waiting user how far a long prompt has got.
     pub fn strongest_graph(
         &self,
         model: &SpdModel,
