@@ -62,8 +62,9 @@ class Model:
             self.ci[name] = layers
             self.col0[name] = i * self.c
 
-    def ci_pass(self, tokens, thr, fire):
-        """Returns (entries [K, 4] int32 on the host, sums, firing counts, device seconds)."""
+    def ci_pass(self, tokens, thr, fire, logits_out=None):
+        """Returns (entries [K, 4] int32 on the host, sums, firing counts, device seconds); appends
+        the logits (on the host) to `logits_out` if given."""
         dev = tokens.device
         t0 = time.perf_counter()
         B, T = tokens.shape
@@ -119,6 +120,8 @@ class Model:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t_dev = time.perf_counter() - t0
+        if logits_out is not None:
+            logits_out.append(logits.cpu())
         del logits
         return ent.cpu(), s.cpu(), f.cpu(), t_dev
 
@@ -180,8 +183,15 @@ def main():
     ok = True
     check = read("bench_check.json")
     tokens = torch.tensor(check["tokens"], dtype=torch.long, device=dev)
-    ent, sums, fires, _ = model.ci_pass(tokens, thr, fire)
+    logits = []
+    ent, sums, fires, _ = model.ci_pass(tokens, thr, fire, logits)
     want = torch.tensor(check["sum_ci"])
+    # The logits against the Rust CPU path's, on the same scale as gpu_check's table
+    # (|Δ| / max(1, |x|)): how far float32 on this card lands from the CPU, whoever computes it.
+    with open(os.path.join(args.work, check["logits_file"]), "rb") as f:
+        cpu_logits = torch.frombuffer(bytearray(f.read()), dtype=torch.float32)  # little-endian
+    cpu_logits = cpu_logits.view(logits[0].shape)
+    logit_rel = ((logits[0] - cpu_logits).abs() / cpu_logits.abs().clamp(min=1.0)).max().item()
     sum_rel = ((sums - want).abs() / want.abs().clamp(min=1.0)).max().item()
     fire_diff = (fires - torch.tensor(check["n_firing"], dtype=torch.int32)).abs().max().item()
     n_rust = check["n_active"]
@@ -189,7 +199,8 @@ def main():
     print("|---|---|---|")
     print(f"| active entries | {ent.shape[0]} | {n_rust} |")
     print(f"| max rel. Δ CI sum | {sum_rel:.1e} | |")
-    print(f"| max Δ firing count | {fire_diff} | |\n")
+    print(f"| max Δ firing count | {fire_diff} | |")
+    print(f"| logits vs the Rust CPU path, max \\|Δ\\|/max(1, \\|x\\|) | {logit_rel:.1e} | {check['fused_logits']:.1e} |\n")
     # Different summation orders: a few entries within rounding of the threshold may differ.
     if sum_rel > 1e-4 or abs(ent.shape[0] - n_rust) > max(2, n_rust // 10000):
         print("**PyTorch and Rust CUDA disagree on the check batch**\n")

@@ -2,29 +2,36 @@
 //!
 //! The target forward and every matmul stay in candle (cuBLAS). Between and after the CI networks'
 //! matmuls two kernels replace candle's chains of element-wise ops:
-//! - `bias_gelu_f32`: bias + exact GELU of a hidden layer, one pass instead of two;
+//! - `bias_act_f32` (and its float4 twin): bias + exact GELU of a hidden layer, one pass instead of
+//!   two; without the GELU it also adds the target projections' biases (candle's broadcasting add
+//!   indexes every element and was 5 % of the pass);
 //! - `ci_final_f32`: final bias + lower-leaky sigmoid + threshold test + compaction of the active
 //!   entries `(prompt, position, column, CI)` into one device buffer, plus per-component CI sums and
 //!   firing counts. Only that buffer's used part and the reductions cross to the host.
+//! - `layer_norm_f32`: the target's LayerNorms, one warp per row instead of candle's nine ops;
 //! - `probs_final_f32`: softmax of each token's logits + threshold + compaction of the output entries
 //!   `(prompt, position, token, p)`, so the `[B, T, vocab]` probabilities never leave the device.
 
-use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
 
 pub use crate::generate::entries::{
     ActiveEntry, CiThresholds, reference_entries, reference_output_entries, sort_entries,
 };
 use crate::model::config::{CiFnType, SigmoidType};
-use crate::model::gpt2_simple::{Linear, LinearHook, PlainForward};
+use crate::model::gpt2_simple::{LN_EPS, LayerNorm, Linear, LinearHook, LnSite, matmul_last};
 use crate::model::{ModuleId, SpdModel};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ci_kernels.ptx"));
 const MODULE: &str = "spd_ci_kernels";
 /// Must match `FINAL_THREADS` / `FINAL_ROWS` in `ci_kernels.cu`.
 const FINAL_THREADS: u32 = 256;
-const FINAL_ROWS: u32 = 128;
+const FINAL_ROWS: u32 = 64;
+/// Must match `LN_THREADS` in `ci_kernels.cu`.
+const LN_THREADS: u32 = 256;
 /// Must match `PROB_THREADS` in `ci_kernels.cu`.
 const PROB_THREADS: u32 = 256;
 
@@ -187,6 +194,21 @@ pub fn output_entries(logits: &Tensor, lens: &[u32], threshold: f32) -> Result<V
     }
 }
 
+thread_local! {
+    /// Page-locked staging for the entries this thread reads back, kept between passes. Copying
+    /// into a fresh pageable `Vec` made the driver stage through its own buffer and the kernel
+    /// fault in every 4 KiB page, and the words were then laid out into a second `Vec`: at batch
+    /// 4096 × 32 on an H200 (73M entries, 1.2 GB) that took 1.4 s after a 0.28 s pass.
+    static STAGE: std::cell::RefCell<Option<PinnedHostSlice<u32>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A stage up to 4 × this many words (64 MiB) is kept whatever the batch.
+const STAGE_KEEP_WORDS: usize = 1 << 22;
+
+/// Below this many entries one thread lays them out (spawning costs more).
+const PARALLEL_ENTRIES: usize = 1 << 18;
+
 /// The first `count` entries of a kernel's entry buffer (4 words each: prompt, position, column,
 /// value bits), copied to the host.
 fn read_entries(
@@ -197,16 +219,66 @@ fn read_entries(
     if count == 0 {
         return Ok(vec![]);
     }
-    let words = dev.clone_dtoh(&entries.slice(..4 * count))?;
-    Ok(words
-        .chunks_exact(4)
-        .map(|w| ActiveEntry {
-            prompt: w[0],
-            position: w[1],
-            column: w[2],
-            ci: f32::from_bits(w[3]),
-        })
-        .collect())
+    let stream = dev.cuda_stream();
+    let words = 4 * count;
+    STAGE.with_borrow_mut(|stage| {
+        // Reused while big enough and not far bigger than needed (page-locked memory is taken
+        // from the whole machine: one huge batch should not pin gigabytes for the small ones).
+        let fits = stage.as_ref().is_some_and(|s| {
+            s.len() >= words
+                && s.len() <= 4 * words.max(STAGE_KEEP_WORDS)
+                && Arc::ptr_eq(s.context(), stream.context())
+        });
+        if !fits {
+            *stage = None; // free the old one first
+            // SAFETY: plain page-locked host memory (flags 0: cached, readable by the CPU, unlike
+            // cudarc's write-combined default); every word read below is first written by the copy.
+            let fresh = unsafe { stream.context().alloc_pinned_with_flags::<u32>(words, 0) };
+            *stage = Some(fresh.w()?);
+        }
+        let stage = stage.as_mut().expect("allocated above");
+        // Exactly 4 × count words: cudarc copies as many elements as the destination holds, so
+        // the (possibly larger) stage itself must not be the destination.
+        let dst = &mut stage.as_mut_slice().w()?[..words];
+        stream.memcpy_dtoh(&entries.slice(..words), dst).w()?;
+        // Into page-locked memory the copy is asynchronous, and cudarc does not wait for a plain
+        // slice destination.
+        stream.synchronize().w()?;
+        Ok(lay_out_entries(dst))
+    })
+}
+
+/// Entries from their 4-word form, in order, on all cores for large counts.
+fn lay_out_entries(words: &[u32]) -> Vec<ActiveEntry> {
+    let count = words.len() / 4;
+    let entry = |w: &[u32]| ActiveEntry {
+        prompt: w[0],
+        position: w[1],
+        column: w[2],
+        ci: f32::from_bits(w[3]),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if count < PARALLEL_ENTRIES || threads == 1 {
+        return words.chunks_exact(4).map(entry).collect();
+    }
+    let mut out = Vec::with_capacity(count);
+    let per = count.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (dst, src) in out.spare_capacity_mut()[..count]
+            .chunks_mut(per)
+            .zip(words.chunks(4 * per))
+        {
+            scope.spawn(move || {
+                for (d, w) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    d.write(entry(w));
+                }
+            });
+        }
+    });
+    // SAFETY: the chunks cover the first `count` slots and every thread wrote all of its chunk
+    // (a panicking thread propagates out of the scope before this line).
+    unsafe { out.set_len(count) };
+    out
 }
 
 fn sigmoid_kind(s: SigmoidType) -> i32 {
@@ -255,11 +327,29 @@ struct FusedHook<'a> {
 }
 
 impl LinearHook for FusedHook<'_> {
+    fn layer_norm(&mut self, _site: LnSite, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op3_no_bwd(&ln.weight, &ln.bias, &LayerNormOp { eps: LN_EPS as f32 })
+    }
+
     fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
         if let Some(i) = self.model.module_index(id) {
             self.module_ci(i, x)?;
         }
-        PlainForward.linear(id, x, linear)
+        let y = matmul_last(x, &linear.wt)?;
+        match &linear.bias {
+            Some(b) => {
+                let rows = y.elem_count() / linear.d_out().max(1);
+                y.contiguous()?.apply_op2_no_bwd(
+                    b,
+                    &BiasAct {
+                        group_rows: rows,
+                        gelu: false,
+                    },
+                )
+            }
+            None => Ok(y),
+        }
     }
 }
 
@@ -274,7 +364,10 @@ impl FusedHook<'_> {
         let Some(((w_last, b_last), hidden)) = layers.split_last() else {
             bail!("CI network of {} has no layers", m.name);
         };
-        let gelu = BiasGelu { group_rows: n };
+        let gelu = BiasAct {
+            group_rows: n,
+            gelu: true,
+        };
         // z as [N, C] (shared) or [C, N, 1] (one network per component), with its strides.
         let (z, row_stride, col_stride) = match m.ci_fn.kind {
             CiFnType::SharedMlp => {
@@ -411,15 +504,16 @@ fn cuda_view<'a>(
     Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
 }
 
-/// `gelu_erf(x + bias)` for `x` `[…, rows, h]` and a bias row per `group_rows` rows (`[h]` or
-/// `[G, 1, h]`).
-struct BiasGelu {
+/// `gelu_erf(x + bias)` (or `x + bias` without `gelu`) for `x` `[…, rows, h]` and a bias row per
+/// `group_rows` rows (`[h]` or `[G, 1, h]`).
+struct BiasAct {
     group_rows: usize,
+    gelu: bool,
 }
 
-impl CustomOp2 for BiasGelu {
+impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
-        "bias_gelu"
+        "bias_act"
     }
 
     fn cpu_fwd(
@@ -429,7 +523,7 @@ impl CustomOp2 for BiasGelu {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("bias_gelu is a CUDA kernel; on the CPU use broadcast_add and gelu_erf")
+        bail!("bias_act is a CUDA kernel; on the CPU use broadcast_add and gelu_erf")
     }
 
     fn cuda_fwd(
@@ -442,7 +536,7 @@ impl CustomOp2 for BiasGelu {
         let dev = xs.device.clone();
         let (Some((x0, x1)), Some((b0, b1))) = (xl.contiguous_offsets(), bl.contiguous_offsets())
         else {
-            bail!("bias_gelu: expected contiguous inputs");
+            bail!("bias_act: expected contiguous inputs");
         };
         let h = *xl.shape().dims().last().unwrap_or(&1);
         let len = x1 - x0;
@@ -452,7 +546,7 @@ impl CustomOp2 for BiasGelu {
             || b1 - b0 != rows / self.group_rows * h
         {
             bail!(
-                "bias_gelu: {rows} rows of {h} in groups of {} do not fit a bias of {}",
+                "bias_act: {rows} rows of {h} in groups of {} do not fit a bias of {}",
                 self.group_rows,
                 b1 - b0
             );
@@ -461,22 +555,121 @@ impl CustomOp2 for BiasGelu {
         let b = bs.as_cuda_slice::<f32>()?.slice(b0..b1);
         // SAFETY: the kernel writes every element of `out`.
         let mut out = unsafe { dev.alloc::<f32>(len) }?;
-        let func = dev.get_or_load_custom_func("bias_gelu_f32", MODULE, PTX)?;
-        let (rows32, h32, g32) = (rows as u32, h as u32, self.group_rows as u32);
+        // float4 loads and stores where every row starts 16-byte aligned (allocations are
+        // 256-byte aligned, so the element offsets decide).
+        let vec4 = h.is_multiple_of(4) && x0.is_multiple_of(4) && b0.is_multiple_of(4);
+        let (name, width) = if vec4 {
+            ("bias_act_f32x4", h / 4)
+        } else {
+            ("bias_act_f32", h)
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let (rows32, w32, g32, gelu) = (
+            rows as u32,
+            width as u32,
+            self.group_rows as u32,
+            i32::from(self.gelu),
+        );
         let mut lb = func.builder();
         lb.arg(&x)
             .arg(&b)
             .arg(&mut out)
             .arg(&rows32)
-            .arg(&h32)
-            .arg(&g32);
-        let blocks = len.div_ceil(256).clamp(1, 1 << 20) as u32;
+            .arg(&w32)
+            .arg(&g32)
+            .arg(&gelu);
+        // Column blocks across a row; rows strided over at most 65,535 row blocks (the y limit).
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim: (
+                width.div_ceil(256).max(1) as u32,
+                rows.clamp(1, 65_535) as u32,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types and order match `bias_gelu_f32`; it reads rows × h and the bias.
+        // SAFETY: argument types and order match `bias_act_f32` / `bias_act_f32x4` (float4
+        // pointers over the same buffers, 16-byte aligned as checked above); it reads rows × h
+        // values and the bias and writes rows × h.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// LayerNorm over the last dim of `x` with weight and bias `[d]` (biased variance, as
+/// `gpt2_simple::LayerNorm`).
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("layer_norm is a CUDA kernel; on the CPU use gpt2_simple::LayerNorm")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device.clone();
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) = (
+            xl.contiguous_offsets(),
+            wl.contiguous_offsets(),
+            bl.contiguous_offsets(),
+        ) else {
+            bail!("layer_norm: expected contiguous inputs");
+        };
+        let d = *xl.shape().dims().last().unwrap_or(&1);
+        if d == 0 || w1 - w0 != d || b1 - b0 != d {
+            bail!(
+                "layer_norm: rows of {d} with a weight of {} and a bias of {}",
+                w1 - w0,
+                b1 - b0
+            );
+        }
+        let len = x1 - x0;
+        let rows = len / d;
+        let x = xs.as_cuda_slice::<f32>()?.slice(x0..x1);
+        let w = ws.as_cuda_slice::<f32>()?.slice(w0..w1);
+        let b = bs.as_cuda_slice::<f32>()?.slice(b0..b1);
+        // SAFETY: the kernel writes every element of `out`.
+        let mut out = unsafe { dev.alloc::<f32>(len) }?;
+        let func = dev.get_or_load_custom_func("layer_norm_f32", MODULE, PTX)?;
+        let (rows32, d32) = (rows as u32, d as u32);
+        let mut lb = func.builder();
+        lb.arg(&x)
+            .arg(&w)
+            .arg(&b)
+            .arg(&mut out)
+            .arg(&rows32)
+            .arg(&d32)
+            .arg(&self.eps);
+        let per_block = (LN_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
+            block_dim: (LN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `layer_norm_f32`; it reads rows × d values and
+        // d weights and biases, and writes rows × d.
         unsafe { lb.launch(cfg) }.w()?;
         drop(lb);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))

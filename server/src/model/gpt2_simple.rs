@@ -174,6 +174,11 @@ pub trait LinearHook {
     fn residual(&mut self, _site: LnSite, _x: &Tensor) -> Result<()> {
         Ok(())
     }
+    /// The LayerNorm at `site` of the residual stream `x` (which `residual` saw first). The fused
+    /// CUDA pass computes it in one kernel instead of candle's chain of nine.
+    fn layer_norm(&mut self, _site: LnSite, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+        ln.forward(x)
+    }
     /// Attention probabilities `[B, H, T, T]` of a block.
     fn attention_probs(&mut self, _block: usize, _probs: &Tensor) -> Result<()> {
         Ok(())
@@ -296,14 +301,14 @@ impl Gpt2Simple {
         let mask = causal_mask(t, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             hook.residual(LnSite::Attn(i), &x)?;
-            let h = block.ln_1.forward(&x)?;
+            let h = hook.layer_norm(LnSite::Attn(i), &x, &block.ln_1)?;
             x = (x + self.attention(i, &h, &mask, hook)?)?;
             hook.residual(LnSite::Mlp(i), &x)?;
-            let h = block.ln_2.forward(&x)?;
+            let h = hook.layer_norm(LnSite::Mlp(i), &x, &block.ln_2)?;
             x = (x + self.mlp(i, &h, hook)?)?;
         }
         hook.residual(LnSite::Final, &x)?;
-        let x = self.ln_f.forward(&x)?;
+        let x = hook.layer_norm(LnSite::Final, &x, &self.ln_f)?;
         matmul_last(&x, &self.lm_head_t)
     }
 

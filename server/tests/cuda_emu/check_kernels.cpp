@@ -32,26 +32,38 @@ static float as_float(uint32_t u) {
     return f;
 }
 
-static void bias_gelu_case(uint32_t rows, uint32_t h, uint32_t group_rows, uint32_t blocks) {
+// bias (+ exact GELU if `gelu`) on a grid of (columns / 256 rounded up) × row_blocks, as mod.rs
+// launches it; `vec4`: the float4 kernel (h a multiple of 4).
+static void bias_act_case(uint32_t rows, uint32_t h, uint32_t group_rows, uint32_t row_blocks,
+                          bool gelu, bool vec4) {
     std::mt19937 rng(rows * 31 + h);
     std::normal_distribution<float> nd(0.0f, 2.0f);
     std::vector<float> x(rows * h), bias((rows / group_rows + 1) * h), out(rows * h, NAN);
     for (auto& v : x) v = nd(rng);
     for (auto& v : bias) v = nd(rng);
-    emu_launch(blocks, 1, 256, [&] {
-        bias_gelu_f32(x.data(), bias.data(), out.data(), rows, h, group_rows);
-    });
+    if (vec4) {
+        check(h % 4 == 0, "bias_act_f32x4 needs h % 4 == 0");
+        emu_launch((h / 4 + 255) / 256, row_blocks, 256, [&] {
+            bias_act_f32x4(reinterpret_cast<const float4*>(x.data()),
+                           reinterpret_cast<const float4*>(bias.data()),
+                           reinterpret_cast<float4*>(out.data()), rows, h / 4, group_rows, gelu);
+        });
+    } else {
+        emu_launch((h + 255) / 256, row_blocks, 256, [&] {
+            bias_act_f32(x.data(), bias.data(), out.data(), rows, h, group_rows, gelu);
+        });
+    }
     double worst = 0;
     for (uint32_t r = 0; r < rows; ++r) {
         for (uint32_t j = 0; j < h; ++j) {
             const double v = (double)x[r * h + j] + bias[(r / group_rows) * h + j];
-            const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+            const double want = gelu ? 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))) : v;
             worst = std::max(worst, std::abs(want - out[r * h + j]) / std::max(1.0, std::abs(want)));
         }
     }
-    std::printf("bias_gelu rows %u h %u group %u blocks %u: max rel err %.1e\n", rows, h,
-                group_rows, blocks, worst);
-    check(worst < 1e-5, "bias_gelu_f32 values");
+    std::printf("bias_act%s rows %u h %u group %u row blocks %u gelu %d: max rel err %.1e\n",
+                vec4 ? "x4" : "", rows, h, group_rows, row_blocks, (int)gelu, worst);
+    check(worst < 1e-5, "bias_act values");
 }
 
 // One module's final CI layer: z is [n, c] (transposed: [c, n]); entries appended after `prior`
@@ -121,6 +133,35 @@ static void ci_final_case(uint32_t prompts, uint32_t seq, uint32_t c, bool trans
     check(untouched, "nothing written past the reserved range or the cap");
 }
 
+// LayerNorm of `rows` rows of `d`, launched as mod.rs does (LN_THREADS / 32 rows per block), against
+// the biased-variance formula in double.
+static void layer_norm_case(uint32_t rows, uint32_t d) {
+    std::mt19937 rng(rows * 17 + d);
+    std::normal_distribution<float> nd(0.5f, 3.0f);
+    std::vector<float> x(rows * d), w(d), b(d), out(rows * d, NAN);
+    for (auto& v : x) v = nd(rng);
+    for (auto& v : w) v = nd(rng);
+    for (auto& v : b) v = nd(rng);
+    const uint32_t per = LN_THREADS / 32;
+    emu_launch((rows + per - 1) / per, 1, LN_THREADS, [&] {
+        layer_norm_f32(x.data(), w.data(), b.data(), out.data(), rows, d, 1e-5f);
+    });
+    double worst = 0;
+    for (uint32_t r = 0; r < rows; ++r) {
+        double mean = 0, var = 0;
+        for (uint32_t j = 0; j < d; ++j) mean += x[r * d + j];
+        mean /= d;
+        for (uint32_t j = 0; j < d; ++j) var += (x[r * d + j] - mean) * (x[r * d + j] - mean);
+        var /= d;
+        for (uint32_t j = 0; j < d; ++j) {
+            const double want = (x[r * d + j] - mean) / std::sqrt(var + 1e-5) * w[j] + b[j];
+            worst = std::max(worst, std::abs(want - out[r * d + j]) / std::max(1.0, std::abs(want)));
+        }
+    }
+    std::printf("layer_norm %u rows of %u: max rel err %.1e\n", rows, d, worst);
+    check(worst < 1e-5, "layer_norm_f32 values");
+}
+
 static void probs_final_case(std::vector<uint32_t> lens, uint32_t seq, uint32_t vocab, float thr,
                              uint64_t cap) {
     const uint32_t prompts = (uint32_t)lens.size(), n = prompts * seq;
@@ -181,9 +222,18 @@ static void probs_final_case(std::vector<uint32_t> lens, uint32_t seq, uint32_t 
 
 int main() {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line out before a crash, if one comes
-    bias_gelu_case(37, 300, 37, 4);    // shared_mlp: one bias row
-    bias_gelu_case(5 * 9, 70, 9, 3);   // vector_mlp / mlp: a bias row per component, grid-stride
-    bias_gelu_case(1, 1, 1, 1);
+    for (bool gelu : {true, false}) {
+        // shared_mlp: one bias row, rows strided over 4 row blocks
+        bias_act_case(37, 300, 37, 4, gelu, false);
+        bias_act_case(37, 300, 37, 4, gelu, true);
+        // vector_mlp / mlp: a bias row per component
+        bias_act_case(5 * 9, 70, 9, 3, gelu, false);
+        bias_act_case(5 * 9, 68, 9, 3, gelu, true);
+        // more row blocks than rows; several column blocks
+        bias_act_case(3, 600, 3, 8, gelu, false);
+        bias_act_case(3, 2048, 3, 8, gelu, true);
+        bias_act_case(1, 1, 1, 1, gelu, false);
+    }
     for (int kind = 0; kind < 4; ++kind) {
         ci_final_case(3, 100, 300, false, kind, 0.6f, 0.0f, 1 << 20, 0);
     }
@@ -192,6 +242,11 @@ int main() {
     ci_final_case(1, 1, 1, false, SIG_LOGISTIC, 0.0f, 0.0f, 4, 0);
     ci_final_case(4, 100, 130, false, SIG_LOGISTIC, 0.5f, 0.2f, 1 << 20, 0, 30);  // padded prompts
     ci_final_case(3, 64, 40, true, SIG_CLAMP, 0.2f, 0.0f, 1 << 20, 0, 63);        // down to 1 token
+    ci_final_case(9, 10, 50, false, SIG_CLAMP, 0.2f, 0.0f, 1 << 20, 0, 1);  // many prompts per block
+    layer_norm_case(13, 128);  // a partial block of rows
+    layer_norm_case(5, 40);    // d not a multiple of 32
+    layer_norm_case(3, 512);
+    layer_norm_case(1, 1);
     probs_final_case({7, 4, 1}, 7, 1000, 0.004f, 1 << 16);  // two prompts padded
     probs_final_case({5}, 5, 300, 0.01f, 3);                 // overflow
     probs_final_case({3}, 3, 40, 0.0f, 1 << 10);             // everything is an entry

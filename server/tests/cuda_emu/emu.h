@@ -54,6 +54,14 @@ inline float __int_as_float(int i) {
 using std::max;
 using std::min;
 
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __ffsll(long long v) { return __builtin_ffsll(v); }
+
+struct float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 template <class T>
 T emu_shfl(T v, int offset) {
     static T buf[1024];
@@ -73,6 +81,17 @@ T __shfl_up_sync(unsigned, T v, int d) {
 template <class T>
 T __shfl_down_sync(unsigned, T v, int d) {
     return emu_shfl(v, d);
+}
+
+// Lane `lane ^ mask` of the caller's warp.
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+    static T buf[1024];
+    const uint32_t t = threadIdx.x;
+    __syncthreads();
+    buf[t] = v;
+    __syncthreads();
+    return buf[(t & ~31u) | ((t & 31u) ^ (uint32_t)mask)];
 }
 
 // Runs `kernel()` as a grid of (gx, gy) blocks of `threads` threads.
