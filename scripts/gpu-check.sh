@@ -3,7 +3,7 @@
 # CUDA wheels (no Rust, no network; see /work/shared/GPU.md). Build first on any machine with
 # scripts/build-cuda.sh and bring .cuda/bin/gpu_check.gz along (17 MB; the binary itself, 62 MB, is
 # too big to travel with the working tree: from a session with a lent GPU, the run tool with carry
-# [".cuda/bin/gpu_check.gz"] and command scripts/gpu-check.sh). About 4-6 minutes.
+# [".cuda/bin/gpu_check.gz"] and command scripts/gpu-check.sh). About 3-4 minutes on an H200.
 #
 #   scripts/gpu-check.sh [gpu_check flags, e.g. --batches 64,1024 --reps 2]
 #
