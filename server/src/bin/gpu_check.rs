@@ -858,22 +858,25 @@ fn sweep(
     Ok(())
 }
 
-/// Times one prompt's graph on the bench-shaped model as the server computes it with `--device
-/// cuda:N` (the fast engine's tensor backend on the GPU), next to the host backend fed by the GPU's
-/// forward and to the all-CPU graph, and checks both GPU graphs' edges against the all-CPU one.
+/// Times one prompt's graph on the bench-shaped model with the fast engine's tensor backend on the
+/// GPU, with the host backend fed by the GPU's forward, and all on the CPU, plus a server request
+/// with the backend `server --device cuda:N` picks here, and checks both GPU graphs' edges against
+/// the all-CPU one.
 fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<bool, Box<dyn std::error::Error>> {
     let mut ok = true;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let server_backend = Backend::for_device(gpu.device());
     println!(
         "## One prompt's graph on the bench-shaped model (CI ≥ 0.1, output ≥ 0.01; median of 3 after a \
          warm-up)\n\n\
-         GPU = what the server runs with `--device cuda:0`: CI pass, masked forward and the fast engine's \
-         tensor backend on the card, edges read back once. \"GPU + host\": the same CI pass and forward \
-         on the card, Jacobians by the host backend on {threads} threads. CPU: everything on the host.\n"
+         GPU: CI pass, masked forward and the fast engine's tensor backend on the card, edges read back \
+         once. \"GPU + host\": the same CI pass and forward on the card, Jacobians by the host backend \
+         on {threads} threads. CPU: everything on the host. The server request uses what `server \
+         --device cuda:0` picks here: the {server_backend:?} backend.\n"
     );
     println!(
-        "| tokens | edges | CI pass s (GPU) | edges s (GPU) | total s (GPU) | server request s (GPU: CI \
-         pass + strongest 30,000) | edges s (GPU + host) | total s (all CPU) | CPU / GPU | max Δ edge \
+        "| tokens | edges | CI pass s (GPU) | edges s (GPU) | total s (GPU) | server request s (CI pass + \
+         strongest 30,000) | edges s (GPU + host) | total s (all CPU) | CPU / GPU | max Δ edge \
          / max edge (GPU, GPU + host) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -884,6 +887,7 @@ fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<bool, Box<dyn s
     let cpu_engine = FastEngine::new(cpu, &SourceMap::probe(cpu)?)?;
     let gpu_sources = SourceMap::probe(gpu)?;
     let engine = FastEngine::with_backend(gpu, &gpu_sources, Backend::Tensor)?;
+    let server_engine = FastEngine::new(gpu, &gpu_sources)?;
     let host_engine = FastEngine::with_backend(gpu, &gpu_sources, Backend::Host)?;
     let median3 = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| {
         f()?;
@@ -921,7 +925,7 @@ fn graphs(args: &Args, cpu: &SpdModel, gpu: &SpdModel) -> Result<bool, Box<dyn s
         let mut view = None;
         let view_s = median3(&mut || {
             view = Some(
-                engine
+                server_engine
                     .strongest_graph(gpu, &ci, th, MAX_EDGES, &|_| true, &|_, _| {})?
                     .0,
             );
