@@ -37,6 +37,19 @@ struct Args {
     /// less exact (needs the `cuda` feature).
     #[arg(long)]
     tf32: bool,
+    /// How the fast engine builds a graph: `host` loops over alive rows on the CPU's cores,
+    /// `tensor` batches products on the model's device and reads the edges back once; `auto`:
+    /// host on a CPU, and for a GPU when this machine has 8 threads or more (measured faster on
+    /// an H200 machine's 16 cores), tensor otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    graph_backend: GraphBackend,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphBackend {
+    Auto,
+    Host,
+    Tensor,
 }
 
 /// Indexes the demo corpus, resuming a database left half-written by an interrupted start.
@@ -126,7 +139,12 @@ fn service(args: &Args) -> Result<Service, String> {
              rebuilds it)"
         ));
     }
-    let run = Run::load(&model_path, &device)?;
+    let backend = match args.graph_backend {
+        GraphBackend::Auto => None,
+        GraphBackend::Host => Some(server::attribution::Backend::Host),
+        GraphBackend::Tensor => Some(server::attribution::Backend::Tensor),
+    };
+    let run = Run::load_with(&model_path, &device, backend)?;
     let prompts = match (&args.db, &args.prompts) {
         (Some(db), _) => Prompts::open_db(db)?,
         (None, Some(file)) => Prompts::read_list(file)?,

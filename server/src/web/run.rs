@@ -8,7 +8,7 @@ use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
 use candle_core::Device;
 
 use crate::attribution::{
-    Edge, FastEngine, Graph, Layer, PromptCi, SourceMap, Thresholds, normalize_by_target,
+    Backend, Edge, FastEngine, Graph, Layer, PromptCi, SourceMap, Thresholds, normalize_by_target,
     reference_graph, strongest,
 };
 use crate::model::SpdModel;
@@ -28,6 +28,16 @@ pub struct Run {
 impl Run {
     /// Loads the run at `path`; the tokenizer is found next to it (see [`crate::tokenizer::find_for`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self, String> {
+        Self::load_with(path, device, None)
+    }
+
+    /// As [`Run::load`], with the fast engine's backend chosen by the caller (`None`: the one
+    /// [`Backend::for_device`] picks).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        backend: Option<Backend>,
+    ) -> Result<Self, String> {
         let model = SpdModel::load(path, device).map_err(|e| e.to_string())?;
         let tokenizer = match crate::tokenizer::find_for(&model) {
             Some(p) => Some(
@@ -36,16 +46,18 @@ impl Run {
             ),
             None => None,
         };
-        Self::new(model, tokenizer, path)
+        Self::new(model, tokenizer, path, backend)
     }
 
     pub fn new(
         model: SpdModel,
         tokenizer: Option<tokenizers::Tokenizer>,
         path: &Path,
+        backend: Option<Backend>,
     ) -> Result<Self, String> {
         let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
-        let fast = match FastEngine::new(&model, &sources) {
+        let backend = backend.unwrap_or_else(|| Backend::for_device(model.device()));
+        let fast = match FastEngine::with_backend(&model, &sources, backend) {
             Ok(f) => {
                 tracing::info!("graphs: fast engine, {:?} backend", f.backend());
                 Some(f)
@@ -300,6 +312,34 @@ mod tests {
         let text = std::fs::read_to_string(fixture().join("prompts.json")).unwrap();
         let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).unwrap();
         prompts[0].clone()
+    }
+
+    #[test]
+    fn the_graph_backend_can_be_chosen_and_gives_the_same_graph() {
+        let auto = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let tensor = Run::load_with(&fixture(), &Device::Cpu, Some(Backend::Tensor)).unwrap();
+        assert_eq!(auto.fast.as_ref().unwrap().backend(), Backend::Host);
+        assert_eq!(tensor.fast.as_ref().unwrap().backend(), Backend::Tensor);
+        let params = GraphParams::default();
+        let graph = |run: &Run| {
+            run.graph(Some(1), &prompt0(), params.clone(), &|_| None, &|_, _| {})
+                .unwrap()
+        };
+        let (a, b) = (graph(&auto), graph(&tensor));
+        // Under the wire's cap, so both hold every edge; sorted by strength, near-ties may swap.
+        assert!(!a.edges.is_empty() && a.edges.len() < MAX_EDGES);
+        let by_key = |g: &GraphData| -> std::collections::HashMap<(String, String), f32> {
+            g.edges
+                .iter()
+                .map(|e| ((e.src.clone(), e.tgt.clone()), e.val))
+                .collect()
+        };
+        let (a, b) = (by_key(&a), by_key(&b));
+        assert_eq!(a.len(), b.len());
+        let scale = a.values().fold(0f32, |m, v| m.max(v.abs()));
+        for (k, v) in &a {
+            assert!((v - b[k]).abs() <= 1e-4 * scale, "{k:?}: {v} vs {}", b[k]);
+        }
     }
 
     #[test]
