@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(tensor.fast.as_ref().unwrap().backend(), Backend::Tensor);
         let params = GraphParams::default();
         let graph = |run: &Run| {
-            run.graph(Some(1), &prompt0(), params.clone(), &|_| None, &|_, _| {})
+            run.graph(Some(1), &prompt0(), params, &|_| None, &|_, _| {})
                 .unwrap()
         };
         let (a, b) = (graph(&auto), graph(&tensor));
