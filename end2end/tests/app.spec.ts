@@ -165,6 +165,7 @@ test('an unknown prompt id shows an error with retry', async ({ page }, testInfo
 
 test('keyboard shortcuts: / focuses search, f fits, Esc clears pins', async ({ page }) => {
   await ready(page);
+  const initial = await probe(page);
   await page.locator('h1').click();
   await page.keyboard.press('/');
   await expect(page.locator('#prompt-search')).toBeFocused();
@@ -175,8 +176,12 @@ test('keyboard shortcuts: / focuses search, f fits, Esc clears pins', async ({ p
   await page.mouse.move(box.x + box.width / 2, box.y + 100);
   await page.mouse.wheel(0, -400);
   await expect(page).toHaveURL(/view=/);
+  // The canvas repaints (and rewrites its probe) after the URL changes: wait for the paint.
+  await expect.poll(() => probe(page)).not.toEqual(initial);
   await page.keyboard.press('f');
   await expect(page).not.toHaveURL(/view=/);
+  // Fitting restores the first view.
+  await expect.poll(() => probe(page)).toEqual(initial);
 
   const [, x, y] = (await probe(page))[0];
   await canvas.click({ position: { x, y } });

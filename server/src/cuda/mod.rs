@@ -1,7 +1,7 @@
 //! The batched CI pass on CUDA with fused kernels (`ci_kernels.cu`, compiled to PTX by `build.rs`).
 //!
-//! The target forward and every matmul stay in candle (cuBLAS). Between and after the CI networks'
-//! matmuls two kernels replace candle's chains of element-wise ops:
+//! Every matmul stays in candle (cuBLAS). Between and after the CI networks' matmuls, and in the
+//! target forward around them, kernels replace candle's chains of element-wise ops:
 //! - `bias_act_f32` (and its float4 twin): bias + exact GELU of a hidden layer, one pass instead of
 //!   two; without the GELU it also adds the target projections' biases (candle's broadcasting add
 //!   indexes every element and was 5 % of the pass);
