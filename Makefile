@@ -66,4 +66,4 @@ test: setup-test
 	stage fmt cargo fmt --all -- --check; \
 	RUSTFLAGS='$(TEST_RUSTFLAGS)' stage clippy cargo clippy --workspace --all-targets -- -D warnings; \
 	RUSTFLAGS='$(TEST_RUSTFLAGS)' stage test cargo test --workspace --exclude frontend; \
-	stage end-to-end cargo leptos end-to-end
+	stage end-to-end scripts/end-to-end.sh
