@@ -146,13 +146,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    // The bench-shaped model, written as a run so the CUDA side loads it as any run and PyTorch reads
-    // the same weights.
-    let spec = SyntheticSpec::simple_stories_1m();
     let t0 = Instant::now();
-    let cpu = synthetic_model(&spec)?;
-    let run_dir = args.work.join("bench_run");
-    server::generate::synthetic::write_run(&cpu, &run_dir)?;
+    let run_dir = write_bench_run(&args)?;
     let cpu = SpdModel::load(&run_dir, &Device::Cpu)?;
     let gpu = SpdModel::load(&run_dir, &dev)?;
     eprintln!("bench model built and loaded in {:.1?}", t0.elapsed());
@@ -586,6 +581,15 @@ impl Compare {
     }
 }
 
+/// The bench-shaped model, written as a run under `work`, so the CUDA side loads it as any run and
+/// PyTorch reads the same weights. Returns the run directory.
+fn write_bench_run(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let run_dir = args.work.join("bench_run");
+    let model = synthetic_model(&SyntheticSpec::simple_stories_1m())?;
+    server::generate::synthetic::write_run(&model, &run_dir)?;
+    Ok(run_dir)
+}
+
 /// What the PyTorch script needs to build the bench model from `run_dir` and repeat the sweep.
 fn write_bench_meta(args: &Args, gpu: &SpdModel, run_dir: &Path) -> std::io::Result<()> {
     let modules: Vec<&str> = gpu.modules.iter().map(|m| m.name.as_str()).collect();
@@ -602,9 +606,7 @@ fn write_bench_meta(args: &Args, gpu: &SpdModel, run_dir: &Path) -> std::io::Res
 
 /// `--profile-batch`: the fused CI pass timed (best of `reps`), then run once more for the profiler.
 fn profile(args: &Args, dev: &Device) -> Result<(), Box<dyn std::error::Error>> {
-    let spec = SyntheticSpec::simple_stories_1m();
-    let run_dir = args.work.join("bench_run");
-    server::generate::synthetic::write_run(&synthetic_model(&spec)?, &run_dir)?;
+    let run_dir = write_bench_run(args)?;
     let gpu = SpdModel::load(&run_dir, dev)?;
     write_bench_meta(args, &gpu, &run_dir)?;
     let (b, t) = (args.profile_batch, args.seq);
