@@ -166,6 +166,11 @@ test('an unknown prompt id shows an error with retry', async ({ page }, testInfo
 test('keyboard shortcuts: / focuses search, f fits, Esc clears pins', async ({ page }) => {
   await ready(page);
   const initial = await probe(page);
+  // Zooming, fitting and pinning change only the view: none of them may fetch the graph again.
+  let graphRequests = 0;
+  page.on('request', (r) => {
+    if (r.url().includes('/fn/get_graph')) graphRequests += 1;
+  });
   await page.locator('h1').click();
   await page.keyboard.press('/');
   await expect(page.locator('#prompt-search')).toBeFocused();
@@ -188,6 +193,7 @@ test('keyboard shortcuts: / focuses search, f fits, Esc clears pins', async ({ p
   await expect(page.locator('.pin')).toHaveCount(1);
   await page.keyboard.press('Escape');
   await expect(page.locator('.pin')).toHaveCount(0);
+  expect(graphRequests).toBe(0);
 });
 
 test('the graph exports as JSON and PNG', async ({ page }) => {

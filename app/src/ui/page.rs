@@ -92,12 +92,17 @@ pub fn GraphPage() -> impl IntoView {
     let view = RwSignal::new(ViewState::default());
     let graph: RwSignal<Option<GraphData>> = RwSignal::new(None);
     let width = RwSignal::new(900.0);
+    // The parts of the view each derived value depends on, as memos: reading `view` itself would
+    // rebuild the scene and layout (and refetch the graph, below) on every zoom, pan step and pin.
+    let top_k = Memo::new(move |_| view.with(|v| v.top_k));
+    let mode = Memo::new(move |_| view.with(|v| v.layout));
+    let request = Memo::new(move |_| view.with(|v| (v.prompt.clone(), v.params)));
     let scene = Memo::new(move |_| {
-        let top_k = view.with(|v| v.top_k);
+        let top_k = top_k.get();
         graph.with(|g| g.as_ref().map(|g| Scene::new(g, top_k)))
     });
     let layout = Memo::new(move |_| {
-        let mode = view.with(|v| v.layout);
+        let mode = mode.get();
         let w = width.get();
         graph.with(|g| g.as_ref().map(|g| Layout::new(g, w, mode, 0)))
     });
@@ -154,7 +159,7 @@ pub fn GraphPage() -> impl IntoView {
             return;
         }
         ctx.reload.track();
-        let (prompt, params) = view.with(|v| (v.prompt.clone(), v.params));
+        let (prompt, params) = request.get();
         generation.update_value(|g| *g += 1);
         let mine = generation.get_value();
         ctx.load.set(Load::Loading { done: 0, total: 0 });
