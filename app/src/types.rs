@@ -98,6 +98,10 @@ pub struct Meta {
     pub n_blocks: usize,
     /// Longest prompt the model takes.
     pub n_ctx: usize,
+    /// The target model's family, e.g. `LlamaSimpleMLP`.
+    pub family: String,
+    /// The CI network kind, e.g. `shared_mlp` or `global_shared_transformer`.
+    pub ci_kind: String,
     pub prompt_count: u64,
     /// Size of the database file in bytes (0 without a database).
     pub db_bytes: u64,

@@ -14,14 +14,23 @@ pub fn encode(tokenizer_json: &Path, text: &str) -> Result<Vec<u32>, String> {
     Ok(enc.get_ids().to_vec())
 }
 
-/// `tokenizer.json` next to the run, or at the run's `tokenizer_name` when that is a local path.
+/// `tokenizer.json` next to the run, at the run's `tokenizer_name` when that is a local path
+/// (relative to the run directory, or to the working directory), or beside the target model (spd's
+/// pretrain runs keep it in the checkpoint's grandparent directory).
 pub fn find_for(model: &SpdModel) -> Option<PathBuf> {
     let run_dir = model.checkpoint.parent().unwrap_or(Path::new("."));
     let mut candidates = vec![run_dir.join("tokenizer.json")];
     if let Some(name) = &model.config.tokenizer_name {
-        let p = PathBuf::from(name);
-        candidates.push(p.join("tokenizer.json"));
-        candidates.push(p);
+        for base in [run_dir.join(name), PathBuf::from(name)] {
+            candidates.push(base.join("tokenizer.json"));
+            candidates.push(base);
+        }
+    }
+    if let Some(target) = model.config.pretrained_location() {
+        let target = run_dir.join(target);
+        for dir in target.ancestors().skip(1).take(2) {
+            candidates.push(dir.join("tokenizer.json"));
+        }
     }
     candidates.into_iter().find(|p| p.is_file())
 }

@@ -1,11 +1,15 @@
-//! Property test: on random small models (random shapes, all three CI-fn types, random prompts and
+//! Property test: on random small GPT2Simple models (random shapes, a C per module, all three
+//! layerwise CI-fn types and the global shared MLP / transformer, biases or none, random prompts and
 //! thresholds) the fast engine, on both backends, gives the reference engine's edges: same set, same
-//! order, values within 1e-4 of the largest |edge|.
+//! order, values within 1e-4 of the largest |edge|. The Llama families are refused by the fast
+//! engine (its closed forms cover LayerNorm, learned positions and GELU MLPs).
 
 use server::attribution::{
     Backend, Edge, FastEngine, Layer, PromptCi, SourceMap, Thresholds, reference_graph, strongest,
 };
-use server::model::config::CiFnType;
+use server::model::config::{
+    AttnConfig, CiFnType, GlobalCiConfig, GlobalCiFnType, TransformerCiConfig,
+};
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
 
 #[test]
@@ -26,6 +30,13 @@ fn fast_engine_equals_reference_on_random_models() {
             ci_hidden: (0..1 + rng.below(2)).map(|_| 2 + rng.below(5)).collect(),
             ci_active_frac: 0.2 + 0.4 * rng.uniform(),
             seed: rng.next_u64(),
+            module_c: (case % 2 == 1).then(|| (0..12).map(|_| 2 + rng.below(9)).collect()),
+            global_ci: match case % 5 {
+                3 => Some(global(GlobalCiFnType::SharedMlp, &mut rng)),
+                4 => Some(global(GlobalCiFnType::SharedTransformer, &mut rng)),
+                _ => None,
+            },
+            ..SyntheticSpec::simple_stories_1m()
         };
         let model = synthetic_model(&spec).unwrap();
         let sources = SourceMap::probe(&model).unwrap();
@@ -133,4 +144,26 @@ fn full_context_prompt_runs_and_longer_is_refused() {
         err.contains("longer than the model's context of 64"),
         "{err}"
     );
+}
+
+fn global(fn_type: GlobalCiFnType, rng: &mut Rng) -> GlobalCiConfig {
+    GlobalCiConfig {
+        fn_type,
+        hidden_dims: vec![4 + rng.below(8)],
+        transformer: Some(TransformerCiConfig {
+            d_model: 8,
+            n_blocks: 1 + rng.below(2),
+            mlp_hidden_dim: vec![6],
+            attn_config: AttnConfig {
+                n_heads: 2,
+                max_len: 64,
+                rope_base: 10000.0,
+            },
+        }),
+        reader_hidden_dims: vec![],
+        d_resid: None,
+        block_groups: vec![],
+        transition_attn: None,
+        transition_hidden_dim: None,
+    }
 }

@@ -16,8 +16,8 @@ use server::generate::entries::{CiThresholds, reference_entries, reference_outpu
 use server::generate::extract::{self, EntryBatch, ScanMode};
 use server::generate::{self, Input};
 use server::model::SpdModel;
-use server::model::gpt2_simple::softmax_last;
 use server::model::synthetic::Rng;
+use server::model::transformer::softmax_last;
 use server::store::{queries, schema};
 
 const FIXTURES: [&str; 3] = ["tiny_shared", "tiny_vector", "tiny_mlp"];
@@ -115,9 +115,7 @@ fn host_and_device_reductions_agree() {
             .collect();
         for windows in [&all[..], &equal[..]] {
             let (ci, probs) = extract::forward(&model, &batch(windows)).unwrap();
-            let floors: Vec<AtomicU32> = (0..model.modules.len() * model.c())
-                .map(|_| AtomicU32::new(0))
-                .collect();
+            let floors: Vec<AtomicU32> = (0..model.total_c()).map(|_| AtomicU32::new(0)).collect();
             let run =
                 |mode| extract::extract(&ci, &probs, windows, th, &ctx, &floors, mode).unwrap();
             let (host, device) = (run(ScanMode::Host), run(ScanMode::Device));

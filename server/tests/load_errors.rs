@@ -28,7 +28,99 @@ fn edit_safetensors(
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    std::fs::remove_file(dir.join("model_1.pth")).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "pth") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+}
+
+/// Replaces `from` by `to` in the run's `final_config.yaml` (which must contain it).
+fn edit_config(dir: &Path, from: &str, to: &str) {
+    let cfg = dir.join("final_config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&cfg, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn global_ci_with_a_missing_tensor_names_it() {
+    let dir = copy_run("v2/llama_glu_global");
+    edit_safetensors(dir.path(), |t| {
+        t.remove("ci_fn._global_ci_fn.layers.2.W");
+    });
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("missing tensor `ci_fn._global_ci_fn.layers.2.W`")
+            && msg.contains("[40, 154]"),
+        "{msg}"
+    );
+    // A module dropped from the config changes the network's input width: the shape says so.
+    let dir = copy_run("v2/gpt2_transformer_ci");
+    edit_config(
+        dir.path(),
+        "- module_pattern: h.*.attn.q_proj\n  C: 8\n",
+        "",
+    );
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("_input_projector.W")
+            && msg.contains("[576, 16]")
+            && msg.contains("[512, 16]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn config_c_that_differs_from_the_tensors_is_named() {
+    let dir = copy_run("v2/llama_mlp_layerwise");
+    edit_config(
+        dir.path(),
+        "h.1.attn.q_proj\n  C: 9",
+        "h.1.attn.q_proj\n  C: 10",
+    );
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("_components.h-1-attn-q_proj.V")
+            && msg.contains("[32, 9]")
+            && msg.contains("C = 10"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_ci_fn_types_and_modules_are_refused() {
+    let dir = copy_run("v2/llama_mlp_layerwise");
+    edit_config(
+        dir.path(),
+        "fn_type: shared_mlp",
+        "fn_type: shared_transformer",
+    );
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("final_config.yaml")
+            && msg.contains("unknown ci fn type `shared_transformer`"),
+        "{msg}"
+    );
+    let dir = copy_run("v2/llama_mlp_layerwise");
+    edit_config(dir.path(), "h.*.mlp.c_fc", "h.*.mlp.gate_proj");
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("`h.*.mlp.gate_proj` matches no projection of the LlamaSimpleMLP target"),
+        "{msg}"
+    );
+    let dir = copy_run("v2/gpt2_main_format");
+    edit_config(
+        dir.path(),
+        "spd.pretrain.models.gpt2_simple.GPT2Simple",
+        "spd.pretrain.models.llama.Llama",
+    );
+    let msg = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("spd.pretrain.models.llama.Llama") && msg.contains("LlamaSimpleMLP"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -65,13 +157,26 @@ fn wrong_shape_names_key_and_both_shapes() {
     });
     let err = load(dir.path()).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, LoadError::ShapeMismatch { .. }), "{msg}");
+    assert!(matches!(err, LoadError::ComponentCount { .. }), "{msg}");
     assert!(
         msg.contains("model.safetensors") && msg.contains("_components.h-1-mlp-c_fc.V"),
         "{msg}"
     );
     assert!(
-        msg.contains("[32, 15]") && msg.contains("[32, 16]"),
+        msg.contains("[32, 15]") && msg.contains("[32, 16]") && msg.contains("C = 16"),
+        "{msg}"
+    );
+    // A wrong input dimension is a plain shape mismatch.
+    let dir = copy_run("tiny_shared");
+    edit_safetensors(dir.path(), |t| {
+        let u = t["_components.h-0-attn-q_proj.U"].narrow(1, 0, 31).unwrap();
+        t.insert("_components.h-0-attn-q_proj.U".into(), u);
+    });
+    let err = load(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LoadError::ShapeMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("[16, 31]") && msg.contains("[16, 32]"),
         "{msg}"
     );
 }
@@ -176,10 +281,10 @@ fn target_from_pretrained_checkpoint_and_old_key_names() {
     let model = load(dir.path()).unwrap();
     let tokens = [1u32, 2, 3, 4];
     let a = reference
-        .ci(&server::model::gpt2_simple::tokens_tensor(&tokens, &Device::Cpu).unwrap())
+        .ci(&server::model::transformer::tokens_tensor(&tokens, &Device::Cpu).unwrap())
         .unwrap();
     let b = model
-        .ci(&server::model::gpt2_simple::tokens_tensor(&tokens, &Device::Cpu).unwrap())
+        .ci(&server::model::transformer::tokens_tensor(&tokens, &Device::Cpu).unwrap())
         .unwrap();
     for (x, y) in a.lower.iter().zip(&b.lower) {
         let d = (x - y)

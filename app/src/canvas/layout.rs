@@ -20,7 +20,8 @@ pub enum Row {
     Wte,
     Qkv(usize),
     OProj(usize),
-    CFc(usize),
+    /// The MLP's input projections: `c_fc`, or `gate_proj` and `up_proj` side by side.
+    MlpIn(usize),
     DownProj(usize),
     Output,
 }
@@ -32,7 +33,7 @@ impl Row {
             Row::Wte => 0,
             Row::Qkv(b) => 1 + 4 * b,
             Row::OProj(b) => 2 + 4 * b,
-            Row::CFc(b) => 3 + 4 * b,
+            Row::MlpIn(b) => 3 + 4 * b,
             Row::DownProj(b) => 4 + 4 * b,
             Row::Output => 1 + 4 * n_blocks,
         }
@@ -43,7 +44,7 @@ impl Row {
             Row::Wte => "wte".to_owned(),
             Row::Qkv(b) => format!("h.{b} q/k/v"),
             Row::OProj(b) => format!("h.{b} o_proj"),
-            Row::CFc(b) => format!("h.{b} c_fc"),
+            Row::MlpIn(b) => format!("h.{b} mlp in"),
             Row::DownProj(b) => format!("h.{b} down_proj"),
             Row::Output => "output".to_owned(),
         }
@@ -51,8 +52,8 @@ impl Row {
 
     /// All rows of a model with `n_blocks` blocks, bottom to top.
     pub fn all(n_blocks: usize) -> Vec<Row> {
-        let blocks =
-            (0..n_blocks).flat_map(|b| [Row::Qkv(b), Row::OProj(b), Row::CFc(b), Row::DownProj(b)]);
+        let blocks = (0..n_blocks)
+            .flat_map(|b| [Row::Qkv(b), Row::OProj(b), Row::MlpIn(b), Row::DownProj(b)]);
         std::iter::once(Row::Wte)
             .chain(blocks)
             .chain(std::iter::once(Row::Output))
@@ -60,36 +61,37 @@ impl Row {
     }
 }
 
-/// The row of a layer name and its slot within the row (q=0, k=1, v=2 share the q/k/v row).
+/// The row of a layer name and its slot within the row (q=0, k=1, v=2 share the q/k/v row;
+/// gate=0, up=1 the MLP-input row).
 pub fn row_of(layer: &str) -> Option<(Row, usize)> {
+    row_slots(layer).map(|(row, slot, _)| (row, slot))
+}
+
+/// [`row_of`] with the number of slots the layer's row is split into.
+fn row_slots(layer: &str) -> Option<(Row, usize, usize)> {
     match layer {
-        "wte" => return Some((Row::Wte, 0)),
-        "output" => return Some((Row::Output, 0)),
+        "wte" => return Some((Row::Wte, 0, 1)),
+        "output" => return Some((Row::Output, 0, 1)),
         _ => {}
     }
     let rest = layer.strip_prefix("h.")?;
     let (block, module) = rest.split_once('.')?;
     let b: usize = block.parse().ok()?;
     match module {
-        "attn.q_proj" => Some((Row::Qkv(b), 0)),
-        "attn.k_proj" => Some((Row::Qkv(b), 1)),
-        "attn.v_proj" => Some((Row::Qkv(b), 2)),
-        "attn.o_proj" => Some((Row::OProj(b), 0)),
-        "mlp.c_fc" => Some((Row::CFc(b), 0)),
-        "mlp.down_proj" => Some((Row::DownProj(b), 0)),
+        "attn.q_proj" => Some((Row::Qkv(b), 0, 3)),
+        "attn.k_proj" => Some((Row::Qkv(b), 1, 3)),
+        "attn.v_proj" => Some((Row::Qkv(b), 2, 3)),
+        "attn.o_proj" => Some((Row::OProj(b), 0, 1)),
+        "mlp.c_fc" => Some((Row::MlpIn(b), 0, 1)),
+        "mlp.gate_proj" => Some((Row::MlpIn(b), 0, 2)),
+        "mlp.up_proj" => Some((Row::MlpIn(b), 1, 2)),
+        "mlp.down_proj" => Some((Row::DownProj(b), 0, 1)),
         _ => None,
     }
 }
 
-fn slots(row: Row) -> usize {
-    match row {
-        Row::Qkv(_) => 3,
-        _ => 1,
-    }
-}
-
-/// A (row, slot within the row, position) group of nodes drawn side by side.
-type Cell = (Row, usize, usize);
+/// A (row, slot within the row, position, slots of the row) group of nodes drawn side by side.
+type Cell = (Row, usize, usize, usize);
 
 /// How nodes sharing a cell (layer row × token column) are arranged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -187,13 +189,16 @@ impl Layout {
             let Ok(key) = NodeKey::parse(&node.key) else {
                 continue;
             };
-            let Some((row, slot)) = row_of(key.layer) else {
+            let Some((row, slot, n_slots)) = row_slots(key.layer) else {
                 continue;
             };
             if key.seq >= n_cols || !row_y.contains_key(&row) {
                 continue;
             }
-            cells.entry((row, slot, key.seq)).or_default().push(i);
+            cells
+                .entry((row, slot, key.seq, n_slots))
+                .or_default()
+                .push(i);
         }
 
         let c_idx = |i: usize| NodeKey::parse(&graph.nodes[i].key).map_or(0, |k| k.c_idx);
@@ -201,7 +206,7 @@ impl Layout {
         let mut points = vec![None; graph.nodes.len()];
         let mut cell_list: Vec<_> = cells.into_iter().collect();
         cell_list.sort_unstable_by_key(|(cell, _)| *cell);
-        for ((row, slot, seq), mut members) in cell_list {
+        for ((row, slot, seq, n_slots), mut members) in cell_list {
             match mode {
                 LayoutMode::Jittered => members.sort_by_key(|&i| c_idx(i)),
                 LayoutMode::Shuffled => members.sort_by(|&a, &b| {
@@ -216,7 +221,7 @@ impl Layout {
                         .then(c_idx(a).cmp(&c_idx(b)))
                 }),
             }
-            let slot_width = column_width * 0.9 / slots(row) as f64;
+            let slot_width = column_width * 0.9 / n_slots as f64;
             let left = columns[seq] - column_width * 0.45 + slot_width * slot as f64;
             let step = slot_width / members.len() as f64;
             radius = radius.min(step * 0.4);
@@ -336,7 +341,9 @@ mod tests {
         let g = graph(&["h.0.attn.rotary:0:0", "nonsense", "wte:9:0", "wte:0:0"]);
         let l = Layout::new(&g, 800.0, LayoutMode::Importance, 0);
         assert_eq!(l.points.iter().flatten().count(), 1);
-        assert_eq!(row_of("h.3.mlp.c_fc"), Some((Row::CFc(3), 0)));
+        assert_eq!(row_of("h.3.mlp.c_fc"), Some((Row::MlpIn(3), 0)));
+        assert_eq!(row_of("h.3.mlp.gate_proj"), Some((Row::MlpIn(3), 0)));
+        assert_eq!(row_of("h.3.mlp.up_proj"), Some((Row::MlpIn(3), 1)));
         assert_eq!(row_of("h.x.mlp.c_fc"), None);
     }
 

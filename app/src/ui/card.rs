@@ -11,7 +11,7 @@ const EDGES_SHOWN: usize = 5;
 const EXAMPLES_SHOWN: usize = 4;
 
 #[component]
-pub fn HoverCard() -> impl IntoView {
+pub fn HoverCard() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let style = move || {
         let (x, y) = ctx.pointer.get();
@@ -20,7 +20,7 @@ pub fn HoverCard() -> impl IntoView {
         let left = if x > w / 2.0 { x - 340.0 } else { x + 16.0 };
         format!("left:{:.0}px;top:{:.0}px", left.max(0.0), y + 12.0)
     };
-    move || {
+    (move || {
         let hover = ctx.hover.get();
         let body = ctx.graph.with(|g| {
             let g = g.as_ref()?;
@@ -41,7 +41,8 @@ pub fn HoverCard() -> impl IntoView {
             })
         })?;
         Some(view! { <div class="card" style=style>{body}</div> })
-    }
+    })
+    .into_any()
 }
 
 fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize) -> AnyView {

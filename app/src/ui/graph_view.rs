@@ -19,7 +19,7 @@ struct Drag {
 }
 
 #[component]
-pub fn GraphView() -> impl IntoView {
+pub fn GraphView() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let canvas = NodeRef::<leptos::html::Canvas>::new();
     let drag: RwSignal<Option<Drag>> = RwSignal::new(None);
@@ -175,6 +175,7 @@ pub fn GraphView() -> impl IntoView {
             <HoverCard />
         </div>
     }
+    .into_any()
 }
 
 #[cfg(feature = "hydrate")]

@@ -88,7 +88,7 @@ impl Ctx {
 }
 
 #[component]
-pub fn GraphPage() -> impl IntoView {
+pub fn GraphPage() -> AnyView {
     let view = RwSignal::new(ViewState::default());
     let graph: RwSignal<Option<GraphData>> = RwSignal::new(None);
     let width = RwSignal::new(900.0);
@@ -219,6 +219,7 @@ pub fn GraphPage() -> impl IntoView {
             </section>
         </div>
     }
+    .into_any()
 }
 
 /// The message of a server function error, without the framework's prefix.
@@ -345,9 +346,11 @@ fn MetaLine() -> impl IntoView {
         ctx.meta.with(|m| match m {
             None => String::new(),
             Some(m) => format!(
-                "{} · {} blocks · {} prompts · database {}",
+                "{} · {} · {} blocks · CI {} · {} prompts · database {}",
                 m.model_path,
+                m.family,
                 m.n_blocks,
+                m.ci_kind,
                 m.prompt_count,
                 human_bytes(m.db_bytes)
             ),
@@ -367,7 +370,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 #[component]
-fn StatusLine() -> impl IntoView {
+fn StatusLine() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let summary = move || {
         let shown = ctx.scene.with(|s| s.as_ref().map_or(0, |s| s.edges.len()));
@@ -414,4 +417,5 @@ fn StatusLine() -> impl IntoView {
             }}
         </div>
     }
+    .into_any()
 }

@@ -10,7 +10,7 @@ use crate::types::{PromptRef, SearchResults};
 const RESULTS: usize = 50;
 
 #[component]
-pub fn PinsPanel() -> impl IntoView {
+pub fn PinsPanel() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let results: RwSignal<Option<Result<SearchResults, String>>> = RwSignal::new(None);
     let search = move |all: bool| {
@@ -78,4 +78,5 @@ pub fn PinsPanel() -> impl IntoView {
             })}
         </section>
     }
+    .into_any()
 }

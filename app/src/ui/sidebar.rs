@@ -10,7 +10,7 @@ use crate::types::{PromptRef, PromptSummary};
 const PAGE: usize = 50;
 
 #[component]
-pub fn Sidebar() -> impl IntoView {
+pub fn Sidebar() -> AnyView {
     view! {
         <aside class="sidebar">
             <PromptPicker />
@@ -18,10 +18,11 @@ pub fn Sidebar() -> impl IntoView {
             <Controls />
         </aside>
     }
+    .into_any()
 }
 
 #[component]
-fn PromptPicker() -> impl IntoView {
+fn PromptPicker() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let query = RwSignal::new(String::new());
     let prompts: RwSignal<Vec<PromptSummary>> = RwSignal::new(vec![]);
@@ -89,10 +90,11 @@ fn PromptPicker() -> impl IntoView {
             </Show>
         </section>
     }
+    .into_any()
 }
 
 #[component]
-fn CustomPrompt() -> impl IntoView {
+fn CustomPrompt() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let text = RwSignal::new(String::new());
     // Show the current custom text when the view comes from a URL.
@@ -120,10 +122,11 @@ fn CustomPrompt() -> impl IntoView {
             <button id="custom-go" on:click=move |_| submit()>"Graph this text"</button>
         </section>
     }
+    .into_any()
 }
 
 #[component]
-fn Controls() -> impl IntoView {
+fn Controls() -> AnyView {
     let ctx = expect_context::<Ctx>();
     let v = ctx.view;
     // A number input bound to one field of the view; out-of-range input is ignored.
@@ -193,6 +196,7 @@ fn Controls() -> impl IntoView {
             </div>
         </section>
     }
+    .into_any()
 }
 
 fn export_json(ctx: Ctx) {

@@ -6,7 +6,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::SourceMap;
-use crate::model::gpt2_simple::softmax_last;
+use crate::model::transformer::softmax_last;
 use crate::model::{RunError, SpdModel};
 
 /// What makes a node alive (SPEC §3.3).

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::model::gpt2_simple::{softmax_last, tokens_tensor};
+use crate::model::transformer::{softmax_last, tokens_tensor};
 use crate::model::{RunError, SpdModel};
 
 #[derive(Debug, Clone)]

@@ -24,8 +24,8 @@ use server::cuda::{
 use server::generate::contexts::ContextParams;
 use server::generate::pipeline::DEFAULT_CONTEXT_CHECKPOINT;
 use server::generate::{GenerateConfig, Input, Progress, Shard};
-use server::model::gpt2_simple::softmax_last;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
+use server::model::transformer::softmax_last;
 use server::model::{RunError, SpdModel};
 use server::web::run::MAX_EDGES;
 
@@ -472,12 +472,13 @@ impl Compare {
             self.sum_rel = self.sum_rel.max((w - g).abs() / w.abs().max(1.0));
         }
         // Values within TOL of the firing threshold may fall either side.
-        let c = cpu.c();
+        let offsets = cpu.component_offsets();
         let mut near = vec![0u32; ref_fires.len()];
         for (i, x) in want.lower.iter().enumerate() {
             let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let c = offsets[i + 1] - offsets[i];
             for (k, &x) in v.iter().enumerate() {
-                near[i * c + k % c] += u32::from((x - th.firing).abs() <= TOL);
+                near[offsets[i] + k % c] += u32::from((x - th.firing).abs() <= TOL);
             }
         }
         self.firing_off += ref_fires
@@ -597,7 +598,7 @@ fn write_bench_meta(args: &Args, gpu: &SpdModel, run_dir: &Path) -> std::io::Res
     let meta = serde_json::json!({
         "run_dir": run_dir,
         "n_layer": g.n_layer, "n_head": g.n_head, "n_embd": g.n_embd, "vocab_size": g.vocab_size,
-        "c": gpu.c(), "ci_hidden": gpu.config.ci_fn_hidden_dims, "modules": modules,
+        "c": gpu.max_c(), "ci_hidden": [gpu.config.ci.widest_hidden()], "modules": modules,
         "threshold": args.threshold, "firing": 0.0, "seq": args.seq,
         "batches": args.batches, "reps": args.reps,
     });

@@ -22,7 +22,7 @@ pub use crate::generate::entries::{
     ActiveEntry, CiThresholds, reference_entries, reference_output_entries, sort_entries,
 };
 use crate::model::config::{CiFnType, SigmoidType};
-use crate::model::gpt2_simple::{LN_EPS, LayerNorm, Linear, LinearHook, LnSite, matmul_last};
+use crate::model::transformer::{Linear, LinearHook, LnSite, Norm, matmul_last};
 use crate::model::{ModuleId, SpdModel};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ci_kernels.ptx"));
@@ -79,8 +79,15 @@ pub fn ci_pass(
     dense: Dense,
 ) -> Result<FusedCi> {
     let start = std::time::Instant::now();
+    if model.global_ci.is_some() {
+        bail!(
+            "the fused CI kernels run layerwise CI networks; {} runs on candle's ops (--unfused)",
+            model.ci_kind()
+        );
+    }
     let dev = model.device().as_cuda_device()?.clone();
     let kind = sigmoid_kind(model.config.sigmoid_type);
+    let offsets = model.component_offsets();
     let (b, t) = tokens.dims2()?;
     let lens = match lens {
         Some(l) if l.len() != b || l.iter().any(|&n| n as usize > t) => {
@@ -93,7 +100,7 @@ pub fn ci_pass(
         None => vec![t as u32; b],
     };
     let lens = dev.clone_htod(&lens)?;
-    let n_cols = model.modules.len() * model.c();
+    let n_cols = model.total_c();
     // Room for ~3% active entries; a fuller batch reruns with the exact count.
     let mut cap = ((b * t * n_cols) / 32).max(1 << 16);
     loop {
@@ -108,6 +115,7 @@ pub fn ci_pass(
             keep_dense: dense,
             bufs: &mut bufs,
             dense: vec![None; model.modules.len()],
+            offsets: &offsets,
         };
         let logits = model.target.forward(tokens, &mut hook)?;
         let dense_ci = hook.dense;
@@ -324,12 +332,23 @@ struct FusedHook<'a> {
     keep_dense: Dense,
     bufs: &'a mut Buffers,
     dense: Vec<Option<Tensor>>,
+    /// The first column of each module's components.
+    offsets: &'a [usize],
 }
 
 impl LinearHook for FusedHook<'_> {
-    fn layer_norm(&mut self, _site: LnSite, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
-        x.contiguous()?
-            .apply_op3_no_bwd(&ln.weight, &ln.bias, &LayerNormOp { eps: LN_EPS as f32 })
+    fn norm(&mut self, _site: LnSite, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+        match &norm.bias {
+            Some(bias) if norm.is_layer_norm() => x.contiguous()?.apply_op3_no_bwd(
+                &norm.weight,
+                bias,
+                &LayerNormOp {
+                    eps: norm.eps() as f32,
+                },
+            ),
+            // RMSNorm: candle's ops (no kernel of its own yet).
+            _ => candle_core::Module::forward(norm, x),
+        }
     }
 
     fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
@@ -360,7 +379,10 @@ impl FusedHook<'_> {
         let (b, t, d_in) = x.dims3()?;
         let (n, c) = (b * t, m.components.c());
         let flat = x.reshape((n, d_in))?.contiguous()?;
-        let layers = &m.ci_fn.layers;
+        let Some(ci_fn) = &m.ci_fn else {
+            bail!("{} has no layerwise CI network", m.name);
+        };
+        let layers = &ci_fn.layers;
         let Some(((w_last, b_last), hidden)) = layers.split_last() else {
             bail!("CI network of {} has no layers", m.name);
         };
@@ -369,7 +391,7 @@ impl FusedHook<'_> {
             gelu: true,
         };
         // z as [N, C] (shared) or [C, N, 1] (one network per component), with its strides.
-        let (z, row_stride, col_stride) = match m.ci_fn.kind {
+        let (z, row_stride, col_stride) = match ci_fn.kind {
             CiFnType::SharedMlp => {
                 let mut h = flat;
                 for (w, bias) in hidden {
@@ -378,7 +400,7 @@ impl FusedHook<'_> {
                 (h.matmul(w_last)?, c, 1)
             }
             CiFnType::VectorMlp | CiFnType::Mlp => {
-                let mut h = match m.ci_fn.kind {
+                let mut h = match ci_fn.kind {
                     CiFnType::VectorMlp => flat.unsqueeze(0)?.broadcast_as((c, n, d_in))?,
                     _ => m.components.inner_acts(&flat)?.t()?.unsqueeze(2)?,
                 }
@@ -389,7 +411,8 @@ impl FusedHook<'_> {
                 (h.matmul(w_last)?, 1, n)
             }
         };
-        let dense = self.final_kernel(&z, b_last, n, c, row_stride, col_stride, i * c)?;
+        let col0 = self.offsets[i];
+        let dense = self.final_kernel(&z, b_last, n, c, row_stride, col_stride, col0)?;
         self.dense[i] = match (self.keep_dense, dense) {
             (Dense::No, _) | (_, None) => None,
             (Dense::Host, Some(d)) => Some(Tensor::from_vec(
@@ -598,7 +621,7 @@ impl CustomOp2 for BiasAct {
 }
 
 /// LayerNorm over the last dim of `x` with weight and bias `[d]` (biased variance, as
-/// `gpt2_simple::LayerNorm`).
+/// `transformer::Norm`).
 struct LayerNormOp {
     eps: f32,
 }
@@ -617,7 +640,7 @@ impl CustomOp3 for LayerNormOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("layer_norm is a CUDA kernel; on the CPU use gpt2_simple::LayerNorm")
+        bail!("layer_norm is a CUDA kernel; on the CPU use transformer::Norm")
     }
 
     fn cuda_fwd(

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::nn;
 use crate::model::SpdModel;
-use crate::model::gpt2_simple::{Linear, LinearHook, ModuleId, PlainForward};
+use crate::model::transformer::{Linear, LinearHook, ModuleId, PlainForward};
 
 /// A component counts as active on a token where its CI exceeds this (the graphs' default threshold).
 pub const ACTIVE_CI: f32 = 0.1;
@@ -77,11 +77,10 @@ fn argmax_hits(logits: &Tensor, targets: &Tensor) -> Result<Vec<bool>> {
 /// Evaluates `model` on `(inputs, next tokens)` windows.
 pub fn evaluate(model: &SpdModel, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<Metrics> {
     let n_mod = model.modules.len();
-    let c = model.c();
     let (mut ce_t, mut ce_m, mut kl) = (0.0, 0.0, 0.0);
     let (mut hit_t, mut hit_m, mut agree, mut n_tok) = (0usize, 0usize, 0usize, 0usize);
     let mut active = vec![0u64; n_mod];
-    let mut ever = vec![vec![false; c]; n_mod];
+    let mut ever: Vec<Vec<bool>> = model.cs().into_iter().map(|c| vec![false; c]).collect();
     for chunk in windows.chunks(16) {
         let t = chunk[0].0.len();
         let x: Vec<u32> = chunk.iter().flat_map(|w| w.0.clone()).collect();
@@ -103,7 +102,7 @@ pub fn evaluate(model: &SpdModel, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<Me
         agree += pt.iter().zip(&pm).filter(|(a, b)| a == b).count();
         n_tok += n;
         for (i, ci) in lower.iter().enumerate() {
-            let rows: Vec<Vec<f32>> = ci.reshape((n, c))?.to_vec2()?;
+            let rows: Vec<Vec<f32>> = ci.reshape((n, ci.dim(2)?))?.to_vec2()?;
             for row in rows {
                 for (j, v) in row.iter().enumerate() {
                     if *v > ACTIVE_CI {

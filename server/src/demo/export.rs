@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::train_spd::SpdSpec;
-use crate::model::config::Gpt2Config;
+use crate::model::transformer::Gpt2Config;
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", path.display())

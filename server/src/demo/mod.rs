@@ -18,8 +18,8 @@ use serde_json::json;
 
 use crate::model::SpdModel;
 use crate::model::checkpoint::TensorFile;
-use crate::model::config::Gpt2Config;
-use crate::model::gpt2_simple::Gpt2Simple;
+use crate::model::transformer::Gpt2Config;
+use crate::model::transformer::{TargetConfig, Transformer};
 use train_spd::SpdSpec;
 use train_target::TargetSpec;
 
@@ -200,7 +200,8 @@ pub fn regenerate(
         let t2 = Instant::now();
         let file = TensorFile::read(&run_dir.join("target/model.safetensors"))
             .map_err(|e| e.to_string())?;
-        let target = Gpt2Simple::new(tspec.cfg, &file).map_err(|e| e.to_string())?;
+        let target = Transformer::new(TargetConfig::gpt2_simple(tspec.cfg), &file)
+            .map_err(|e| e.to_string())?;
         let (spd, r) = train_spd::train(&spec.spd, &target, &train_stream, log).map_err(err)?;
         export::write_run(&run_dir, &spec.spd, block, &spd.tensors(), &tok_json)?;
         log(&format!(

@@ -13,10 +13,10 @@ use candle_core::{D, Device, Result, Tensor, Var};
 
 use super::nn::{self, AdamW};
 use super::train_target::batch;
-use crate::model::gpt2_simple::{
-    Gpt2Simple, Linear, LinearHook, ModuleId, ModuleKind, PlainForward, matmul_last,
-};
 use crate::model::synthetic::Rng;
+use crate::model::transformer::{
+    Linear, LinearHook, ModuleId, ModuleKind, PlainForward, Transformer, matmul_last,
+};
 
 #[derive(Debug, Clone)]
 pub struct SpdSpec {
@@ -53,7 +53,7 @@ pub struct SpdParams {
 }
 
 impl SpdParams {
-    pub fn init(target: &Gpt2Simple, spec: &SpdSpec, rng: &mut Rng) -> Result<Self> {
+    pub fn init(target: &Transformer, spec: &SpdSpec, rng: &mut Rng) -> Result<Self> {
         let c = spec.c;
         let mut modules = Vec::new();
         for id in target.module_ids() {
@@ -121,7 +121,7 @@ impl SpdParams {
     }
 
     /// `Σ ‖W − (V U)ᵀ‖²` over modules, divided by the number of weights.
-    fn faithfulness(&self, target: &Gpt2Simple) -> Result<Tensor> {
+    fn faithfulness(&self, target: &Transformer) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         let mut n = 0usize;
         for m in &self.modules {
@@ -199,7 +199,7 @@ pub struct SpdReport {
 /// Decomposes `target` on windows of the token stream `train`.
 pub fn train(
     spec: &SpdSpec,
-    target: &Gpt2Simple,
+    target: &Transformer,
     train: &[u32],
     log: &mut dyn FnMut(&str),
 ) -> Result<(SpdParams, SpdReport)> {

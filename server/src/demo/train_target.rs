@@ -1,5 +1,5 @@
 //! Trains the target GPT2Simple on the story corpus: GPT-2 initialisation, AdamW with warm-up and
-//! cosine decay, random windows of the EOS-joined token stream. The forward is `model::gpt2_simple`'s
+//! cosine decay, random windows of the EOS-joined token stream. The forward is `model::transformer`'s
 //! own, run on tensors that are views of the trained variables.
 
 use std::collections::HashMap;
@@ -9,9 +9,9 @@ use candle_core::{Device, Result, Tensor, Var};
 
 use super::nn::{self, AdamW};
 use crate::model::checkpoint::TensorFile;
-use crate::model::config::Gpt2Config;
-use crate::model::gpt2_simple::{Gpt2Simple, ModuleKind, PlainForward};
 use crate::model::synthetic::Rng;
+use crate::model::transformer::Gpt2Config;
+use crate::model::transformer::{ModuleKind, PlainForward, TargetConfig, Transformer};
 
 #[derive(Debug, Clone)]
 pub struct TargetSpec {
@@ -85,9 +85,9 @@ impl TargetParams {
     }
 
     /// A GPT2Simple whose weights are (differentiable) views of the variables.
-    pub fn model(&self) -> Result<Gpt2Simple> {
+    pub fn model(&self) -> Result<Transformer> {
         let f = TensorFile::from_map(PathBuf::from("<training>"), self.tensors());
-        Gpt2Simple::new(self.cfg, &f).map_err(candle_core::Error::wrap)
+        Transformer::new(TargetConfig::gpt2_simple(self.cfg), &f).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -128,7 +128,7 @@ pub fn eval_windows(stream: &[u32], block_size: usize, max: usize) -> Vec<(Vec<u
 }
 
 /// Mean next-token loss of `model` over `windows`, in batches.
-pub fn eval_loss(model: &Gpt2Simple, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
+pub fn eval_loss(model: &Transformer, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
     let t = model.cfg.block_size;
     let mut total = 0.0;
     for chunk in windows.chunks(32) {

@@ -131,8 +131,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<()> {
         output_prob: 0.01,
     };
     // Context floors rise as in a run, so the extraction gathers what a run would.
-    let modules: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
-    let contexts = RefCell::new(Contexts::new(modules, model.c(), ContextParams::default()));
+    let contexts = RefCell::new(Contexts::new(
+        model.module_layout(),
+        ContextParams::default(),
+    ));
     let floors = contexts.borrow().floors();
     let (extract_s, extract_n) = (Cell::new(0.0), Cell::new(0usize));
     let ci_extract = time_ci_pass(&model, &windows, args.batch_size, |tokens, batch| {
@@ -411,7 +413,7 @@ fn file_mb(path: &Path) -> f64 {
 fn search_bench(db: &Path, n: u64, rows_per_prompt: usize, model: &SpdModel) -> Result<()> {
     let keys = extract::key_table(model);
     // Component keys (not wte, not outputs) with Zipf(1) popularity: rank r drawn ∝ 1 / (r + 1).
-    let n_comp = model.modules.len() * model.c();
+    let n_comp = model.total_c();
     let have = schema::open_read_only(db)
         .ok()
         .and_then(|c| queries::prompt_count(&c).ok());

@@ -51,11 +51,12 @@ pub struct BatchContexts {
 }
 
 /// Accumulators for every component of every decomposed module (columns in model order: module `i`,
-/// component `c` is column `i * C + c`), over the run's first `prompts` prompts.
+/// component `c` is column `offsets[i] + c`), over the run's first `prompts` prompts.
 #[derive(Debug)]
 pub struct Contexts {
     pub modules: Vec<String>,
-    pub c: usize,
+    /// Where each module's columns start, and the column count at the end.
+    pub offsets: Vec<usize>,
     pub params: ContextParams,
     /// Prompts and tokens added so far.
     pub prompts: u64,
@@ -71,11 +72,16 @@ pub struct Contexts {
 }
 
 impl Contexts {
-    pub fn new(modules: Vec<String>, c: usize, params: ContextParams) -> Self {
-        let n = modules.len() * c;
+    /// Accumulators for `modules`, each `(name, C)` in model order.
+    pub fn new(modules: Vec<(String, usize)>, params: ContextParams) -> Self {
+        let mut offsets = vec![0];
+        for (_, c) in &modules {
+            offsets.push(offsets.last().copied().unwrap_or(0) + c);
+        }
+        let n = *offsets.last().expect("at least the start");
         Self {
-            modules,
-            c,
+            modules: modules.into_iter().map(|(name, _)| name).collect(),
+            offsets,
             params,
             prompts: 0,
             tokens: 0,
@@ -90,11 +96,10 @@ impl Contexts {
     /// The accumulators stored in a database (empty ones where it has none).
     pub fn load(
         conn: &Connection,
-        modules: Vec<String>,
-        c: usize,
+        modules: Vec<(String, usize)>,
         params: ContextParams,
     ) -> Result<Self> {
-        let mut ctx = Self::new(modules, c, params);
+        let mut ctx = Self::new(modules, params);
         (ctx.prompts, ctx.tokens) = table::read_state(conn)?;
         for m in table::read_module_sums(conn)? {
             let Some(i) = ctx.modules.iter().position(|x| *x == m.module) else {
@@ -103,15 +108,17 @@ impl Contexts {
                     m.module
                 )));
             };
-            if m.sum_ci.len() != c {
+            let cols = ctx.columns(i);
+            if m.sum_ci.len() != cols.len() {
                 return Err(StoreError::Invalid(format!(
-                    "context_modules `{}` has {} components, the model {c}",
+                    "context_modules `{}` has {} components, the model {}",
                     m.module,
-                    m.sum_ci.len()
+                    m.sum_ci.len(),
+                    cols.len()
                 )));
             }
-            ctx.sum_ci[i * c..(i + 1) * c].copy_from_slice(&m.sum_ci);
-            ctx.n_firing[i * c..(i + 1) * c].copy_from_slice(&m.n_firing);
+            ctx.sum_ci[cols.clone()].copy_from_slice(&m.sum_ci);
+            ctx.n_firing[cols].copy_from_slice(&m.n_firing);
         }
         for (key, examples) in table::read_all_examples(conn)? {
             let col = ctx.column(&key).ok_or_else(|| {
@@ -123,16 +130,29 @@ impl Contexts {
         Ok(ctx)
     }
 
+    /// The columns of module `i`.
+    pub fn columns(&self, i: usize) -> std::ops::Range<usize> {
+        self.offsets[i]..self.offsets[i + 1]
+    }
+
     /// The column of `"module:c"`.
     pub fn column(&self, key: &str) -> Option<usize> {
         let (module, c) = key.rsplit_once(':')?;
         let c: usize = c.parse().ok()?;
         let i = self.modules.iter().position(|m| m == module)?;
-        (c < self.c).then_some(i * self.c + c)
+        let cols = self.columns(i);
+        (c < cols.len()).then_some(cols.start + c)
+    }
+
+    /// `(module, component)` of a column.
+    pub fn locate(&self, col: usize) -> (usize, usize) {
+        let i = self.offsets.partition_point(|&o| o <= col) - 1;
+        (i, col - self.offsets[i])
     }
 
     pub fn key(&self, col: usize) -> String {
-        format!("{}:{}", self.modules[col / self.c], col % self.c)
+        let (i, c) = self.locate(col);
+        format!("{}:{c}", self.modules[i])
     }
 
     pub fn floors(&self) -> Arc<Vec<AtomicU32>> {
@@ -196,7 +216,7 @@ impl Contexts {
     pub fn save(&mut self, conn: &Connection) -> Result<()> {
         table::write_state(conn, self.prompts, self.tokens)?;
         for (i, module) in self.modules.iter().enumerate() {
-            let cols = i * self.c..(i + 1) * self.c;
+            let cols = self.columns(i);
             table::write_module_sums(
                 conn,
                 &ModuleSums {
@@ -231,14 +251,15 @@ impl Contexts {
         };
         let mut layers = serde_json::Map::new();
         for (i, module) in self.modules.iter().enumerate() {
-            let mut comps: Vec<(f64, Value)> = (0..self.c)
-                .map(|c| i * self.c + c)
+            let start = self.offsets[i];
+            let mut comps: Vec<(f64, Value)> = self
+                .columns(i)
                 .filter(|&col| self.n_firing[col] > 0 || !self.top[col].is_empty())
                 .map(|col| {
                     let mean = per_token(self.sum_ci[col]);
                     let top = &self.top[col];
                     let v = json!({
-                        "subcomponent_idx": col % self.c,
+                        "subcomponent_idx": col - start,
                         "mean_ci": round(mean),
                         "density": per_token(self.n_firing[col] as f64),
                         "example_tokens": top.iter()
@@ -297,10 +318,10 @@ mod tests {
             n_firing: vec![fired],
             examples: offers.iter().map(|&(w, c)| (0, ex(w, c))).collect(),
         };
-        let mut one = Contexts::new(vec!["m".into()], 1, params);
+        let mut one = Contexts::new(vec![("m".into(), 1)], params);
         one.add(batch(1.0, 2, &offers));
-        let mut a = Contexts::new(vec!["m".into()], 1, params);
-        let mut b = Contexts::new(vec!["m".into()], 1, params);
+        let mut a = Contexts::new(vec![("m".into(), 1)], params);
+        let mut b = Contexts::new(vec![("m".into(), 1)], params);
         a.add(batch(0.25, 1, &offers[3..]));
         b.add(batch(0.75, 1, &offers[..3]));
         a.merge(&b);

@@ -67,7 +67,8 @@ pub fn reference_entries(
 ) -> Result<(Vec<ActiveEntry>, Vec<f32>, Vec<u32>)> {
     let mut entries = vec![];
     let (mut sums, mut fires) = (vec![], vec![]);
-    for (i, x) in ci.iter().enumerate() {
+    let mut col0 = 0;
+    for x in ci {
         let (b, t, c) = x.dims3()?;
         let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let (mut s, mut f) = (vec![0f32; c], vec![0u32; c]);
@@ -82,12 +83,13 @@ pub fn reference_entries(
                 entries.push(ActiveEntry {
                     prompt: (row / t) as u32,
                     position: (row % t) as u32,
-                    column: (i * c + col) as u32,
+                    column: (col0 + col) as u32,
                     ci: v,
                 });
             }
         }
         debug_assert_eq!(data.len(), b * t * c);
+        col0 += c;
         sums.extend(s);
         fires.extend(f);
     }

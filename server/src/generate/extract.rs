@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 
 use crate::attribution::Thresholds;
 use crate::model::ci::lower_ci;
-use crate::model::gpt2_simple::{Linear, LinearHook, PlainForward, softmax_last};
+use crate::model::spd::layerwise_pre_sigmoid;
+use crate::model::transformer::{Linear, LinearHook, PlainForward, softmax_last};
 use crate::model::{ModuleId, SpdModel};
 use crate::store::contexts::ContextExample;
 use crate::store::writer::{ActivationRow, PromptRows};
@@ -26,35 +27,50 @@ use super::entries::ActiveEntry;
 /// The lower-leaky CI of every module (`[B, T, C]`, model order) and the target model's output
 /// probabilities (`[B, T, vocab]`) for token ids `[B, T]`.
 pub fn forward(model: &SpdModel, tokens: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+    /// Layerwise runs compute each module's CI as soon as its input is known (so inputs are not
+    /// kept); a global network needs every input first.
     struct LowerCi<'a> {
         model: &'a SpdModel,
         ci: Vec<Option<Tensor>>,
+        inputs: Vec<Option<Tensor>>,
     }
     impl LinearHook for LowerCi<'_> {
         fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
             if let Some(i) = self.model.module_index(id) {
-                let m = &self.model.modules[i];
-                let (b, t, d_in) = x.dims3()?;
-                let flat = x.reshape((b * t, d_in))?;
-                let z = m
-                    .ci_fn
-                    .pre_sigmoid(&flat, &m.components.inner_acts(&flat)?)?;
-                let ci = lower_ci(self.model.config.sigmoid_type, &z)?;
-                self.ci[i] = Some(ci.reshape((b, t, m.components.c()))?);
+                if self.model.global_ci.is_some() {
+                    self.inputs[i] = Some(x.clone());
+                } else {
+                    let z = layerwise_pre_sigmoid(&self.model.modules[i], x)?;
+                    self.ci[i] = Some(lower_ci(self.model.config.sigmoid_type, &z)?);
+                }
             }
             PlainForward.linear(id, x, linear)
         }
     }
+    let n = model.modules.len();
     let mut hook = LowerCi {
         model,
-        ci: vec![None; model.modules.len()],
+        ci: vec![None; n],
+        inputs: vec![None; n],
     };
     let logits = model.target.forward(tokens, &mut hook)?;
-    let ci = hook
-        .ci
-        .into_iter()
-        .map(|c| c.expect("every decomposed module runs in the forward pass"))
-        .collect();
+    let ci = if model.global_ci.is_some() {
+        let inputs: Vec<Tensor> = hook
+            .inputs
+            .into_iter()
+            .map(|x| x.expect("every decomposed module runs in the forward pass"))
+            .collect();
+        model
+            .ci_pre_sigmoid(&inputs)?
+            .iter()
+            .map(|z| lower_ci(model.config.sigmoid_type, z))
+            .collect::<Result<_>>()?
+    } else {
+        hook.ci
+            .into_iter()
+            .map(|c| c.expect("every decomposed module runs in the forward pass"))
+            .collect()
+    };
     Ok((ci, softmax_last(&logits)?))
 }
 
@@ -93,7 +109,7 @@ impl ScanMode {
 pub struct Extracted {
     /// Per prompt, its rows (key ids from [`key_table`]) in the order of the original's extraction.
     pub prompts: Vec<PromptRows>,
-    /// CI columns are module `i`, component `c` at `i * C + c`.
+    /// CI columns: module `i`'s components in a row after those of the modules before it.
     pub contexts: BatchContexts,
 }
 
@@ -186,7 +202,6 @@ fn finish(
     mode: ScanMode,
 ) -> Result<Extracted> {
     let lens: Vec<usize> = windows.iter().map(|w| w.tokens.len()).collect();
-    let c = ci.first().map_or(0, |t| t.dims()[2]);
 
     // Prompts' rows and columns' context picks are independent: both are split over threads (the
     // host side of a GPU batch is otherwise slower than the GPU's CI pass), and joined in order.
@@ -227,7 +242,7 @@ fn finish(
         .into_iter()
         .flatten()
         .collect();
-    let values = gather(ci, &picked, c, mode)?;
+    let values = gather(ci, &picked, mode)?;
     let mut examples = Vec::with_capacity(picked.len());
     for ((col, b, range), ci) in picked.into_iter().zip(values) {
         let p = scan.argmax[b * scan.n_ci + col as usize];
@@ -565,23 +580,30 @@ fn scan_device(
 fn gather(
     ci: &[Tensor],
     picked: &[(u32, usize, std::ops::Range<usize>)],
-    c: usize,
     mode: ScanMode,
 ) -> Result<Vec<Vec<f32>>> {
     if picked.is_empty() {
         return Ok(vec![]);
     }
     let t = ci[0].dims()[1];
-    let flat_index = |col: u32, b: usize, p: usize| (b * t + p) * c + col as usize % c;
+    let mut offsets = vec![0usize];
+    for x in ci {
+        offsets.push(offsets.last().copied().unwrap_or(0) + x.dims()[2]);
+    }
+    // (module, index into its flat `[B, T, C]` data) of a column at prompt `b`, position `p`.
+    let locate = |col: u32, b: usize, p: usize| {
+        let col = col as usize;
+        let m = offsets.partition_point(|&o| o <= col) - 1;
+        let c = offsets[m + 1] - offsets[m];
+        (m, (b * t + p) * c + col - offsets[m])
+    };
     match mode {
         ScanMode::Host => picked
             .iter()
             .map(|(col, b, range)| {
-                with_cpu_slice(&ci[*col as usize / c], |data| {
-                    range
-                        .clone()
-                        .map(|p| data[flat_index(*col, *b, p)])
-                        .collect()
+                let m = locate(*col, *b, 0).0;
+                with_cpu_slice(&ci[m], |data| {
+                    range.clone().map(|p| data[locate(*col, *b, p).1]).collect()
                 })
             })
             .collect(),
@@ -591,10 +613,8 @@ fn gather(
             for (m, x) in ci.iter().enumerate() {
                 let idx: Vec<u32> = picked
                     .iter()
-                    .filter(|(col, ..)| *col as usize / c == m)
-                    .flat_map(|(col, b, range)| {
-                        range.clone().map(|p| flat_index(*col, *b, p) as u32)
-                    })
+                    .filter(|(col, b, _)| locate(*col, *b, 0).0 == m)
+                    .flat_map(|(col, b, range)| range.clone().map(|p| locate(*col, *b, p).1 as u32))
                     .collect();
                 if !idx.is_empty() {
                     let n = idx.len();

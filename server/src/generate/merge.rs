@@ -138,17 +138,20 @@ pub fn merge(out: &Path, inputs: &[PathBuf], force: bool) -> Result<MergeSummary
         .iter()
         .map(|p| crate::store::contexts::read_module_sums(&p.conn))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let modules: Vec<String> = layout
+    let modules: Vec<(String, usize)> = layout
         .iter()
         .find(|l| !l.is_empty())
-        .map(|l| l.iter().map(|m| m.module.clone()).collect())
+        .map(|l| {
+            l.iter()
+                .map(|m| (m.module.clone(), m.sum_ci.len()))
+                .collect()
+        })
         .unwrap_or_default();
-    let c = layout.iter().flatten().next().map_or(0, |m| m.sum_ci.len());
     let params: ContextParams = serde_json::from_value(first.record.config["contexts"].clone())
         .map_err(|e| usage(format!("{}: generation record: {e}", first.path.display())))?;
-    let mut contexts = Contexts::new(modules.clone(), c, params);
+    let mut contexts = Contexts::new(modules.clone(), params);
     for p in &parts {
-        contexts.merge(&Contexts::load(&p.conn, modules.clone(), c, params)?);
+        contexts.merge(&Contexts::load(&p.conn, modules.clone(), params)?);
     }
     let mut config = first.record.config.clone();
     config["shard"] = json!({"index": 0, "count": 1});

@@ -248,8 +248,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<Summary> {
             g
         }
     };
-    let modules: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
-    let mut contexts = Contexts::load(&conn, modules, model.c(), cfg.contexts)?;
+    let mut contexts = Contexts::load(&conn, model.module_layout(), cfg.contexts)?;
     if contexts.prompts > record.prompts_done {
         return Err(GenerateError::Usage(format!(
             "{}: the activation contexts cover {} prompts, the index only {}; pass --force-new",
@@ -534,21 +533,26 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// GPU): every module's CI and the output probabilities are held until the batch is reduced, plus
 /// the largest CI network's hidden activations.
 pub fn default_batch_size(model: &SpdModel, n_ctx: usize, cpu: bool) -> usize {
-    use crate::model::config::CiFnType;
-    let c = model.c();
-    let hidden = model
-        .config
-        .ci_fn_hidden_dims
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(1);
-    let network = match model.config.ci_fn_type {
-        CiFnType::SharedMlp => hidden + c,
-        CiFnType::VectorMlp | CiFnType::Mlp => c * (hidden + 1),
+    use crate::model::config::{CiConfig, CiFnType};
+    let hidden = model.config.ci.widest_hidden();
+    let network = match &model.config.ci {
+        CiConfig::Layerwise {
+            fn_type: CiFnType::SharedMlp,
+            ..
+        } => hidden + model.max_c(),
+        CiConfig::Layerwise { .. } => model.max_c() * (hidden + 1),
+        // A global network holds every module's input and its hidden layers at once.
+        CiConfig::Global(_) => {
+            model
+                .modules
+                .iter()
+                .map(|m| m.components.v.dims()[0])
+                .sum::<usize>()
+                + 4 * hidden
+        }
     };
     let d = model.target.cfg.n_embd;
-    let floats_per_token = model.modules.len() * c + 3 * model.vocab_size() + network + 16 * d;
+    let floats_per_token = model.total_c() + 3 * model.vocab_size() + network + 16 * d;
     let budget: usize = if cpu { 512 << 20 } else { 8 << 30 };
     (budget / (4 * floats_per_token * n_ctx.max(1))).clamp(1, 1024)
 }
@@ -734,7 +738,7 @@ impl Pipeline<'_> {
             .collect();
         let tokens = Tensor::from_vec(ids, (job.windows.len(), t), model.device())?;
         #[cfg(feature = "cuda")]
-        if !self.cfg.unfused && model.device().is_cuda() {
+        if !self.cfg.unfused && model.device().is_cuda() && model.global_ci.is_none() {
             return self.compute_fused(model, job, &tokens, floors, mode);
         }
         let (ci, probs) = extract::forward(model, &tokens)?;

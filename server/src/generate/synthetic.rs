@@ -9,43 +9,58 @@ use candle_core::Tensor;
 
 use crate::model::SpdModel;
 use crate::model::config::{CiFnType, SigmoidType};
-use crate::model::gpt2_simple::ModuleKind;
+use crate::model::transformer::{Family, Norm, NormKind, Positions};
 
 use super::GenerateError;
 
-/// Writes `model` (on the CPU) as a run directory: `final_config.yaml`, `model.safetensors` with the
-/// target model embedded under `target_model.`, and `model_config.yaml`.
+/// Writes `model` (on the CPU) as a run directory in spd `main`'s spelling (`module_info` with a C
+/// per module): `final_config.yaml`, `model.safetensors` with the target model embedded under
+/// `target_model.`, and `model_config.yaml`. Layerwise CI networks only.
 pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
     let io = |source| GenerateError::Io {
         path: dir.to_owned(),
         source,
     };
+    let Some(fn_type) = model.config.ci.layerwise() else {
+        return Err(GenerateError::Usage(format!(
+            "write_run writes layerwise CI networks, not {}",
+            model.ci_kind()
+        )));
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut t: HashMap<String, Tensor> = HashMap::new();
     let tm = &model.target;
+    let g = &tm.cfg;
     t.insert("target_model.wte.weight".into(), tm.wte.clone());
-    t.insert("target_model.wpe.weight".into(), tm.wpe.clone());
+    if let Some(wpe) = &tm.wpe {
+        t.insert("target_model.wpe.weight".into(), wpe.clone());
+    }
     t.insert(
         "target_model.lm_head.weight".into(),
         tm.lm_head_t.t()?.contiguous()?,
     );
-    let mut ln = |name: String, ln: &crate::model::gpt2_simple::LayerNorm| {
-        t.insert(format!("target_model.{name}.weight"), ln.weight.clone());
-        t.insert(format!("target_model.{name}.bias"), ln.bias.clone());
+    let mut norm = |name: String, n: &Norm| {
+        t.insert(format!("target_model.{name}.weight"), n.weight.clone());
+        if let Some(b) = &n.bias {
+            t.insert(format!("target_model.{name}.bias"), b.clone());
+        }
     };
-    ln("ln_f".into(), &tm.ln_f);
+    let (n1, n2) = if matches!(g.norm, NormKind::LayerNorm { .. }) {
+        ("ln_1", "ln_2")
+    } else {
+        ("rms_1", "rms_2")
+    };
+    norm("ln_f".into(), &tm.ln_f);
     for (i, block) in tm.blocks.iter().enumerate() {
-        ln(format!("h.{i}.ln_1"), &block.ln_1);
-        ln(format!("h.{i}.ln_2"), &block.ln_2);
+        norm(format!("h.{i}.{n1}"), &block.norm_1);
+        norm(format!("h.{i}.{n2}"), &block.norm_2);
     }
-    for (i, block) in tm.blocks.iter().enumerate() {
-        for kind in ModuleKind::ALL {
-            let lin = &block.linears[kind as usize];
-            let p = format!("target_model.h.{i}.{}", kind.suffix());
-            t.insert(format!("{p}.weight"), lin.wt.t()?.contiguous()?);
-            if let Some(b) = &lin.bias {
-                t.insert(format!("{p}.bias"), b.clone());
-            }
+    for id in tm.module_ids() {
+        let lin = tm.linear(id);
+        let p = format!("target_model.{}", id.name());
+        t.insert(format!("{p}.weight"), lin.wt.t()?.contiguous()?);
+        if let Some(b) = &lin.bias {
+            t.insert(format!("{p}.bias"), b.clone());
         }
     }
     for m in &model.modules {
@@ -55,10 +70,11 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
         if let Some(b) = &m.components.bias {
             t.insert(format!("_components.{dash}.bias"), b.clone());
         }
-        for (l, (w, b)) in m.ci_fn.layers.iter().enumerate() {
+        let ci_fn = m.ci_fn.as_ref().expect("layerwise");
+        for (l, (w, b)) in ci_fn.layers.iter().enumerate() {
             let key = format!("_ci_fns.{dash}.layers.{}", 2 * l);
             // In memory the per-component biases carry a broadcast axis, `[C, 1, out]`.
-            let b = match m.ci_fn.kind {
+            let b = match ci_fn.kind {
                 CiFnType::SharedMlp => b.clone(),
                 CiFnType::VectorMlp | CiFnType::Mlp => b.squeeze(1)?,
             };
@@ -68,30 +84,62 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
 
-    let g = &tm.cfg;
-    let model_config = format!(
-        "block_size: {}\nvocab_size: {}\nn_layer: {}\nn_head: {}\nn_embd: {}\n",
-        g.block_size, g.vocab_size, g.n_layer, g.n_head, g.n_embd
+    let mut model_config = format!(
+        "model_type: {}\nblock_size: {}\nvocab_size: {}\nn_layer: {}\nn_head: {}\nn_embd: {}\n",
+        g.family.name(),
+        g.block_size,
+        g.vocab_size,
+        g.n_layer,
+        g.n_head,
+        g.n_embd
     );
+    if g.family != Family::Gpt2Simple {
+        let (base, n_ctx, adjacent) = match g.positions {
+            Positions::Rotary {
+                base,
+                n_ctx,
+                adjacent_pairs,
+            } => (base, n_ctx, adjacent_pairs),
+            Positions::Learned => (10000.0, g.block_size, false),
+        };
+        let eps = match g.norm {
+            NormKind::Rms { eps } | NormKind::LayerNorm { eps } => eps,
+        };
+        model_config.push_str(&format!(
+            "n_intermediate: {}\nn_key_value_heads: {}\nn_ctx: {n_ctx}\nrotary_base: {base}\n\
+             rotary_adjacent_pairs: {adjacent}\nrms_norm_eps: {eps:e}\nattn_bias: {}\nmlp_bias: {}\n",
+            g.d_mlp, g.n_kv_head, g.attn_bias, g.mlp_bias
+        ));
+    }
     std::fs::write(dir.join("model_config.yaml"), model_config).map_err(io)?;
     let cfg = &model.config;
-    let hidden: Vec<String> = cfg.ci_fn_hidden_dims.iter().map(usize::to_string).collect();
-    let patterns: Vec<String> = model
+    let hidden: Vec<String> = match &cfg.ci {
+        crate::model::config::CiConfig::Layerwise { hidden_dims, .. } => {
+            hidden_dims.iter().map(usize::to_string).collect()
+        }
+        crate::model::config::CiConfig::Global(_) => unreachable!("checked above"),
+    };
+    let module_info: String = model
         .modules
         .iter()
-        .map(|m| format!("'{}'", m.name))
+        .map(|m| {
+            format!(
+                "- module_pattern: '{}'\n  C: {}\n",
+                m.name,
+                m.components.c()
+            )
+        })
         .collect();
+    let class = match g.family {
+        Family::Gpt2Simple => "simple_stories_train.models.gpt2_simple.GPT2Simple",
+        Family::LlamaSimpleMlp => "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+        Family::LlamaSimple => "spd.pretrain.models.llama_simple.LlamaSimple",
+    };
     let config = format!(
-        "C: {}\nci_fn_type: {}\nci_fn_hidden_dims: [{}]\nsigmoid_type: {}\nsampling: continuous\n\
-         target_module_patterns: [{}]\n\
-         pretrained_model_class: simple_stories_train.models.gpt2_simple.GPT2Simple\n\
+        "module_info:\n{module_info}ci_fn_type: {}\nci_fn_hidden_dims: [{}]\nsigmoid_type: {}\n\
+         sampling: continuous\nuse_delta_component: {}\npretrained_model_class: {class}\n\
          pretrained_model_name: model.safetensors\ntask_config:\n  max_seq_len: {}\n",
-        cfg.c,
-        match cfg.ci_fn_type {
-            CiFnType::SharedMlp => "shared_mlp",
-            CiFnType::VectorMlp => "vector_mlp",
-            CiFnType::Mlp => "mlp",
-        },
+        fn_type.name(),
         hidden.join(", "),
         match cfg.sigmoid_type {
             SigmoidType::Normal => "normal",
@@ -101,7 +149,7 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
             SigmoidType::LowerLeakyHard => "lower_leaky_hard",
             SigmoidType::SwishHard => "swish_hard",
         },
-        patterns.join(", "),
+        cfg.use_delta_component,
         g.block_size
     );
     std::fs::write(dir.join("final_config.yaml"), config).map_err(io)?;

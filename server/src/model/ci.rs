@@ -8,7 +8,7 @@ use candle_core::{D, Result, Tensor};
 use super::checkpoint::TensorFile;
 use super::config::{CiFnType, SigmoidType};
 use super::error::LoadError;
-use super::gpt2_simple::matmul_last;
+use super::transformer::matmul_last;
 
 /// Leak slope of the leaky hard sigmoids.
 const ALPHA: f64 = 0.01;
@@ -21,16 +21,18 @@ pub struct CiFn {
 }
 
 impl CiFn {
-    /// Loads `_ci_fns.<module with dashes>.layers.{0,2,…}.{W,b}` and checks every shape against the config.
+    /// Loads `<prefix><module with dashes>.layers.{0,2,…}.{W,b}` (prefix `_ci_fns.` for the oldest
+    /// and `main` checkpoints, `ci_fn._ci_fns.` for `dev`) and checks every shape against the config.
     pub fn new(
         f: &TensorFile,
+        prefix: &str,
         module: &str,
         kind: CiFnType,
         hidden: &[usize],
         d_in: usize,
         c: usize,
     ) -> std::result::Result<Self, LoadError> {
-        let p = format!("_ci_fns.{}.layers", module.replace('.', "-"));
+        let p = format!("{prefix}{}.layers", module.replace('.', "-"));
         let (first, last) = match kind {
             CiFnType::SharedMlp => (d_in, c),
             CiFnType::VectorMlp => (d_in, 1),
@@ -52,6 +54,17 @@ impl CiFn {
             layers.push(layer);
         }
         Ok(Self { kind, layers })
+    }
+
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            kind: self.kind,
+            layers: self
+                .layers
+                .iter()
+                .map(|(w, b)| Ok((w.to_device(device)?, b.to_device(device)?)))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// The network's output before the sigmoid, `[N, C]`, from the module input `x` (`[N, d_in]`) and

@@ -1,10 +1,11 @@
-//! The rank-one components of one decomposed Linear: `W ≈ (V U)ᵀ`, so `x Wᵀ ≈ (x V) U`.
+//! The rank-one components of one decomposed Linear: `W ≈ (V U)ᵀ`, so `x Wᵀ ≈ (x V) U`, and the
+//! weight delta `Δ = W − (V U)ᵀ` that spd adds back where a forward asks for it.
 
 use candle_core::{Result, Tensor};
 
 use super::checkpoint::TensorFile;
 use super::error::LoadError;
-use super::gpt2_simple::matmul_last;
+use super::transformer::{Linear, matmul_last};
 
 #[derive(Debug, Clone)]
 pub struct Components {
@@ -14,29 +15,55 @@ pub struct Components {
     pub u: Tensor,
     /// The target Linear's bias, `[d_out]`.
     pub bias: Option<Tensor>,
+    /// `Δᵀ = Wᵀ − V U`, `[d_in, d_out]`, when the run has `use_delta_component` (never stored in the
+    /// checkpoint: spd recomputes it from the target's weight).
+    pub delta_t: Option<Tensor>,
 }
 
 impl Components {
     /// Loads `_components.<module with dashes>.{V,U,bias}`; a missing bias falls back to the target's.
+    /// `c` is the module's C from the config; a checkpoint with another C is an error naming both.
     pub fn new(
         f: &TensorFile,
         module: &str,
-        d_in: usize,
-        d_out: usize,
+        target: &Linear,
         c: usize,
-        target_bias: Option<&Tensor>,
+        with_delta: bool,
     ) -> std::result::Result<Self, LoadError> {
+        let (d_in, d_out) = (target.d_in(), target.d_out());
         let p = format!("_components.{}", module.replace('.', "-"));
         let bias_key = format!("{p}.bias");
         let bias = if f.contains(&bias_key) {
             Some(f.get(&bias_key, &[d_out])?)
         } else {
-            target_bias.cloned()
+            target.bias.clone()
+        };
+        let v_key = format!("{p}.V");
+        if let Some(v) = f.get_raw(&v_key)
+            && v.dims().len() == 2
+            && v.dims()[0] == d_in
+            && v.dims()[1] != c
+        {
+            return Err(LoadError::ComponentCount {
+                path: f.path.clone(),
+                key: v_key,
+                module: module.to_owned(),
+                config: c,
+                shape: v.dims().to_vec(),
+            });
+        }
+        let v = f.get(&v_key, &[d_in, c])?;
+        let u = f.get(&format!("{p}.U"), &[c, d_out])?;
+        let delta_t = if with_delta {
+            Some((&target.wt - v.matmul(&u)?)?)
+        } else {
+            None
         };
         Ok(Self {
-            v: f.get(&format!("{p}.V"), &[d_in, c])?,
-            u: f.get(&format!("{p}.U"), &[c, d_out])?,
+            v,
+            u,
             bias,
+            delta_t,
         })
     }
 
@@ -56,5 +83,20 @@ impl Components {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `x Δᵀ`, the delta term of input `x` (zeros when the run has no delta).
+    pub fn delta_output(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        self.delta_t.as_ref().map(|d| matmul_last(x, d)).transpose()
+    }
+
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let mv = |t: &Tensor| t.to_device(device);
+        Ok(Self {
+            v: mv(&self.v)?,
+            u: mv(&self.u)?,
+            bias: self.bias.as_ref().map(mv).transpose()?,
+            delta_t: self.delta_t.as_ref().map(mv).transpose()?,
+        })
     }
 }

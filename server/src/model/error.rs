@@ -28,10 +28,25 @@ pub enum LoadError {
         found: Vec<usize>,
     },
     #[error(
-        "{}: unsupported pretrained_model_class `{class}` (supported: GPT2Simple)",
-        path.display()
+        "{}: unsupported pretrained_model_class `{class}` (supported: {})",
+        path.display(),
+        crate::model::transformer::Family::SUPPORTED
     )]
     UnknownModelClass { path: PathBuf, class: String },
+    #[error(
+        "{}: tensor `{key}` has shape {shape:?} ({} components), but the config gives {module} \
+         C = {config} (expected [{}, {config}])",
+        path.display(),
+        shape[1],
+        shape[0]
+    )]
+    ComponentCount {
+        path: PathBuf,
+        key: String,
+        module: String,
+        config: usize,
+        shape: Vec<usize>,
+    },
     #[error("{}: {msg}", path.display())]
     Layout { path: PathBuf, msg: String },
     #[error("{0}")]

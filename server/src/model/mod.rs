@@ -4,10 +4,11 @@ pub mod ci;
 pub mod components;
 pub mod config;
 pub mod error;
-pub mod gpt2_simple;
+pub mod global_ci;
 pub mod spd;
 pub mod synthetic;
+pub mod transformer;
 
 pub use error::{LoadError, RunError};
-pub use gpt2_simple::{ModuleId, ModuleKind};
 pub use spd::{CiOutput, SpdModel};
+pub use transformer::{ModuleId, ModuleKind};

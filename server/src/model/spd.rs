@@ -1,5 +1,6 @@
-//! The component model: the target GPT2Simple, plus components and a CI function for each decomposed
-//! module. Loading resolves a run as the original tool lays it out on disk.
+//! The component model: the target model, plus components for each decomposed module and the
+//! CI networks (one per module, or one global network). Loading resolves a run as the original tool
+//! lays it out on disk.
 
 use std::path::Path;
 
@@ -8,25 +9,31 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use super::checkpoint::{self, TensorFile};
 use super::ci::{self, CiFn};
 use super::components::Components;
-use super::config::{Gpt2Config, SpdConfig, glob_match, read_yaml};
+use super::config::{CiConfig, SpdConfig};
 use super::error::{LoadError, RunError};
-use super::gpt2_simple::{Gpt2Simple, Linear, LinearHook, ModuleId, PlainForward, tokens_tensor};
+use super::global_ci::{GlobalCiFn, ModuleShape};
+use super::transformer::{
+    Family, Linear, LinearHook, ModuleId, PlainForward, TargetConfig, Transformer, tokens_tensor,
+};
 
-/// A decomposed projection: its components and CI function.
+/// A decomposed projection: its components and, for layerwise runs, its CI network.
 #[derive(Debug, Clone)]
 pub struct DecomposedModule {
     pub id: ModuleId,
     pub name: String,
     pub components: Components,
-    pub ci_fn: CiFn,
+    /// `None` when the run has a global CI network ([`SpdModel::global_ci`]).
+    pub ci_fn: Option<CiFn>,
 }
 
 #[derive(Debug, Clone)]
 pub struct SpdModel {
     pub config: SpdConfig,
-    pub target: Gpt2Simple,
+    pub target: Transformer,
     /// In the model's module order (`h.0.attn.q_proj`, `h.0.attn.k_proj`, …).
     pub modules: Vec<DecomposedModule>,
+    /// The one CI network of a global run.
+    pub global_ci: Option<GlobalCiFn>,
     /// The checkpoint the model was read from (for provenance in databases and logs).
     pub checkpoint: std::path::PathBuf,
 }
@@ -54,18 +61,28 @@ pub struct LeafForward {
     pub logits: Tensor,
 }
 
+/// The key prefix under which a checkpoint keeps its CI networks: spd `dev` nests them in `ci_fn.`.
+fn ci_prefix(f: &TensorFile, leaf: &str) -> String {
+    let nested = format!("ci_fn.{leaf}");
+    if f.keys().any(|k| k.starts_with(&nested)) {
+        nested
+    } else {
+        leaf.to_owned()
+    }
+}
+
 impl SpdModel {
     /// Loads a run from a run directory, a `model_<step>.pth`, or a `model.safetensors`.
     pub fn load(path: &Path, device: &Device) -> std::result::Result<Self, LoadError> {
         let loc = checkpoint::locate_run(path)?;
         let config_path = loc.run_dir.join("final_config.yaml");
-        let config: SpdConfig = read_yaml(&config_path)?;
-        if !config.pretrained_model_class.ends_with("GPT2Simple") {
-            return Err(LoadError::UnknownModelClass {
-                path: config_path,
+        let config = SpdConfig::read(&config_path)?;
+        let family = Family::from_class(&config.pretrained_model_class).ok_or_else(|| {
+            LoadError::UnknownModelClass {
+                path: config_path.clone(),
                 class: config.pretrained_model_class.clone(),
-            });
-        }
+            }
+        })?;
         let mut spd = TensorFile::read(&loc.checkpoint)?;
         spd.rename_keys(checkpoint::normalize_spd_key);
 
@@ -76,68 +93,20 @@ impl SpdModel {
                 msg: "neither pretrained_model_path nor pretrained_model_name is set".into(),
             })?;
         let (target_ckpt, model_config_path) = checkpoint::locate_target(&loc.run_dir, location)?;
-        let gpt_cfg: Gpt2Config = read_yaml(&model_config_path)?;
+        let target_cfg = TargetConfig::read(family, &model_config_path)?;
         // The SPD state dict carries the target's weights under `target_model.`; they win over the
         // pretrained checkpoint (as `load_state_dict` on the original's ComponentModel does).
         let embedded = spd.strip_prefix("target_model.");
-        let target_file = if embedded.contains_key("wpe.weight") {
-            TensorFile::from_map(loc.checkpoint.clone(), embedded)
-        } else {
-            let mut f = TensorFile::read(&target_ckpt)?;
-            f.rename_keys(checkpoint::normalize_target_key);
-            f
-        };
-        let target = Gpt2Simple::new(gpt_cfg, &target_file)?;
-
-        let mut modules = Vec::new();
-        for id in target.module_ids() {
-            let name = id.name();
-            if !config
-                .target_module_patterns
-                .iter()
-                .any(|p| glob_match(p, &name))
-            {
-                continue;
-            }
-            let lin = target.linear(id);
-            let components = Components::new(
-                &spd,
-                &name,
-                lin.d_in(),
-                lin.d_out(),
-                config.c,
-                lin.bias.as_ref(),
-            )?;
-            let ci_fn = CiFn::new(
-                &spd,
-                &name,
-                config.ci_fn_type,
-                &config.ci_fn_hidden_dims,
-                lin.d_in(),
-                config.c,
-            )?;
-            modules.push(DecomposedModule {
-                id,
-                name,
-                components,
-                ci_fn,
-            });
-        }
-        if modules.is_empty() {
-            return Err(LoadError::Config {
-                path: config_path,
-                msg: format!(
-                    "target_module_patterns {:?} match no module of the model",
-                    config.target_module_patterns
-                ),
-            });
-        }
-        let model = Self {
-            config,
-            target,
-            modules,
-            checkpoint: loc.checkpoint,
-        };
+        let target_file =
+            if embedded.contains_key("wte.weight") || embedded.contains_key("lm_head.weight") {
+                TensorFile::from_map(loc.checkpoint.clone(), embedded)
+            } else {
+                let mut f = TensorFile::read(&target_ckpt)?;
+                f.rename_keys(checkpoint::normalize_target_key);
+                f
+            };
+        let target = Transformer::new(target_cfg, &target_file)?;
+        let model = Self::build(config, &config_path, target, &spd)?;
         if device.same_device(&Device::Cpu) {
             Ok(model)
         } else {
@@ -145,48 +114,145 @@ impl SpdModel {
         }
     }
 
-    fn into_device(self, device: &Device) -> Result<Self> {
-        let mv = |t: &Tensor| t.to_device(device);
-        let mvl = |l: &Linear| -> Result<Linear> {
-            Ok(Linear {
-                wt: mv(&l.wt)?,
-                bias: l.bias.as_ref().map(mv).transpose()?,
-            })
+    /// The component model of `target` with the components and CI networks in `spd` (a state dict
+    /// with the current key spellings), as `config` describes them.
+    pub fn build(
+        config: SpdConfig,
+        config_path: &Path,
+        target: Transformer,
+        spd: &TensorFile,
+    ) -> std::result::Result<Self, LoadError> {
+        let bad_config = |msg: String| LoadError::Config {
+            path: config_path.to_owned(),
+            msg,
         };
-        let mut target = self.target.clone();
-        target.wte = mv(&target.wte)?;
-        target.wpe = mv(&target.wpe)?;
-        target.lm_head_t = mv(&target.lm_head_t)?;
-        target.ln_f.weight = mv(&target.ln_f.weight)?;
-        target.ln_f.bias = mv(&target.ln_f.bias)?;
-        for b in &mut target.blocks {
-            for ln in [&mut b.ln_1, &mut b.ln_2] {
-                ln.weight = mv(&ln.weight)?;
-                ln.bias = mv(&ln.bias)?;
-            }
-            for l in &mut b.linears {
-                *l = mvl(l)?;
-            }
+        if !config.identity_module_info.is_empty() {
+            return Err(bad_config(
+                "identity insertions (identity_module_info) are not supported yet".into(),
+            ));
         }
+        // C per module from the first pattern it matches; patterns that disagree are an error, as
+        // spd refuses a module matched twice.
+        let mut found = Vec::new();
+        let mut matched = vec![false; config.module_info.len()];
+        for id in target.module_ids() {
+            let name = id.name();
+            let hits: Vec<usize> = (0..config.module_info.len())
+                .filter(|&i| {
+                    super::config::glob_match(&config.module_info[i].module_pattern, &name)
+                })
+                .collect();
+            let Some(&first) = hits.first() else {
+                continue;
+            };
+            let c = config.module_info[first].c;
+            if let Some(&other) = hits.iter().find(|&&i| config.module_info[i].c != c) {
+                return Err(bad_config(format!(
+                    "{name} matches module patterns `{}` (C = {c}) and `{}` (C = {})",
+                    config.module_info[first].module_pattern,
+                    config.module_info[other].module_pattern,
+                    config.module_info[other].c
+                )));
+            }
+            for &i in &hits {
+                matched[i] = true;
+            }
+            found.push((id, name, c, first));
+        }
+        if let Some(i) = matched.iter().position(|m| !m) {
+            return Err(bad_config(format!(
+                "module pattern `{}` matches no projection of the {} target (decomposable: \
+                 h.N.attn.{{q,k,v,o}}_proj and the MLP's {})",
+                config.module_info[i].module_pattern,
+                target.cfg.family.name(),
+                match target.cfg.mlp {
+                    super::transformer::MlpKind::Gelu => "mlp.c_fc, mlp.down_proj",
+                    super::transformer::MlpKind::SwiGlu =>
+                        "mlp.gate_proj, mlp.up_proj, mlp.down_proj",
+                }
+            )));
+        }
+        let layerwise_prefix = ci_prefix(spd, "_ci_fns.");
+        let mut modules = Vec::with_capacity(found.len());
+        for (id, name, c, _) in &found {
+            let lin = target.linear(*id);
+            let components = Components::new(spd, name, lin, *c, config.use_delta_component)?;
+            let ci_fn = match &config.ci {
+                CiConfig::Layerwise {
+                    fn_type,
+                    hidden_dims,
+                } => Some(CiFn::new(
+                    spd,
+                    &layerwise_prefix,
+                    name,
+                    *fn_type,
+                    hidden_dims,
+                    lin.d_in(),
+                    *c,
+                )?),
+                CiConfig::Global(_) => None,
+            };
+            modules.push(DecomposedModule {
+                id: *id,
+                name: name.clone(),
+                components,
+                ci_fn,
+            });
+        }
+        let global_ci = match &config.ci {
+            CiConfig::Layerwise { .. } => None,
+            CiConfig::Global(g) => {
+                let shapes: Vec<ModuleShape<'_>> = modules
+                    .iter()
+                    .map(|m| ModuleShape {
+                        name: &m.name,
+                        d_in: m.components.v.dims()[0],
+                        c: m.components.c(),
+                    })
+                    .collect();
+                // spd's module order: pattern by pattern, model order within a pattern.
+                let mut config_order: Vec<usize> = (0..found.len()).collect();
+                config_order.sort_by_key(|&i| found[i].3);
+                Some(GlobalCiFn::new(
+                    spd,
+                    &ci_prefix(spd, "_global_ci_fn."),
+                    g,
+                    &shapes,
+                    &config_order,
+                )?)
+            }
+        };
+        Ok(Self {
+            config,
+            target,
+            modules,
+            global_ci,
+            checkpoint: spd.path.clone(),
+        })
+    }
+
+    fn into_device(self, device: &Device) -> Result<Self> {
         let modules = self
             .modules
             .iter()
             .map(|m| -> Result<DecomposedModule> {
-                let mut m = m.clone();
-                m.components.v = mv(&m.components.v)?;
-                m.components.u = mv(&m.components.u)?;
-                m.components.bias = m.components.bias.as_ref().map(mv).transpose()?;
-                for (w, b) in &mut m.ci_fn.layers {
-                    *w = mv(w)?;
-                    *b = mv(b)?;
-                }
-                Ok(m)
+                Ok(DecomposedModule {
+                    id: m.id,
+                    name: m.name.clone(),
+                    components: m.components.to_device(device)?,
+                    ci_fn: m.ci_fn.as_ref().map(|f| f.to_device(device)).transpose()?,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            config: self.config,
-            target,
+            target: self.target.to_device(device)?,
             modules,
+            global_ci: self
+                .global_ci
+                .as_ref()
+                .map(|g| g.to_device(device))
+                .transpose()?,
+            config: self.config,
             checkpoint: self.checkpoint,
         })
     }
@@ -195,8 +261,49 @@ impl SpdModel {
         self.target.device()
     }
 
-    pub fn c(&self) -> usize {
-        self.config.c
+    /// C of every module, in model order.
+    pub fn cs(&self) -> Vec<usize> {
+        self.modules.iter().map(|m| m.components.c()).collect()
+    }
+
+    /// `(module path, C)` of every module, in model order.
+    pub fn module_layout(&self) -> Vec<(String, usize)> {
+        self.modules
+            .iter()
+            .map(|m| (m.name.clone(), m.components.c()))
+            .collect()
+    }
+
+    /// The total number of components over all modules.
+    pub fn total_c(&self) -> usize {
+        self.modules.iter().map(|m| m.components.c()).sum()
+    }
+
+    /// The largest C of any module.
+    pub fn max_c(&self) -> usize {
+        self.modules
+            .iter()
+            .map(|m| m.components.c())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Where each module's components start in a flat table of all components (model order), and
+    /// the total at the end: `offsets[i]..offsets[i + 1]` are module `i`'s.
+    pub fn component_offsets(&self) -> Vec<usize> {
+        let mut offsets = Vec::with_capacity(self.modules.len() + 1);
+        let mut at = 0;
+        offsets.push(0);
+        for m in &self.modules {
+            at += m.components.c();
+            offsets.push(at);
+        }
+        offsets
+    }
+
+    /// `shared_mlp`, `global_shared_transformer`, …: the CI network kind, for logs and the page.
+    pub fn ci_kind(&self) -> &'static str {
+        self.config.ci.name()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -236,6 +343,19 @@ impl SpdModel {
         Ok(())
     }
 
+    /// Every module's CI before the sigmoid (`[B, T, C]`, model order) from every module's input in
+    /// the plain target forward (`[B, T, d_in]`, model order).
+    pub fn ci_pre_sigmoid(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        if let Some(global) = &self.global_ci {
+            return global.pre_sigmoid(inputs);
+        }
+        self.modules
+            .iter()
+            .zip(inputs)
+            .map(|(m, x)| layerwise_pre_sigmoid(m, x))
+            .collect()
+    }
+
     /// The target forward of token ids `[B, T]`, recording each decomposed module's input, then the CI
     /// of every module from those inputs.
     pub fn ci(&self, tokens: &Tensor) -> Result<CiOutput> {
@@ -256,21 +376,22 @@ impl SpdModel {
             inputs: vec![None; self.modules.len()],
         };
         let target_logits = self.target.forward(tokens, &mut rec)?;
-        let (mut lower, mut upper, mut pre) = (vec![], vec![], vec![]);
-        for (m, x) in self.modules.iter().zip(rec.inputs) {
-            let x = x.expect("every decomposed module runs in the forward pass");
-            let (b, t, d_in) = x.dims3()?;
-            let x = x.reshape((b * t, d_in))?;
-            let acts = m.components.inner_acts(&x)?;
-            let z = m.ci_fn.pre_sigmoid(&x, &acts)?;
-            let shape = (b, t, m.components.c());
-            lower.push(ci::lower_ci(self.config.sigmoid_type, &z)?.reshape(shape)?);
-            upper.push(ci::upper_ci(self.config.sigmoid_type, &z)?.reshape(shape)?);
-            pre.push(z.reshape(shape)?);
-        }
+        let inputs: Vec<Tensor> = rec
+            .inputs
+            .into_iter()
+            .map(|x| x.expect("every decomposed module runs in the forward pass"))
+            .collect();
+        let pre = self.ci_pre_sigmoid(&inputs)?;
+        let kind = self.config.sigmoid_type;
         Ok(CiOutput {
-            lower,
-            upper,
+            lower: pre
+                .iter()
+                .map(|z| ci::lower_ci(kind, z))
+                .collect::<Result<_>>()?,
+            upper: pre
+                .iter()
+                .map(|z| ci::upper_ci(kind, z))
+                .collect::<Result<_>>()?,
             pre_sigmoid: pre,
             target_logits,
         })
@@ -278,6 +399,7 @@ impl SpdModel {
 
     /// The component forward of one prompt with masks `masks[i]` (`[1, T, C]`, usually the lower CI):
     /// every decomposed module computes `a = x V`, and the rest of the model reads a fresh leaf `a'`.
+    /// No weight deltas (the seed's semantics).
     pub fn leaf_forward(&self, tokens: &[u32], masks: &[Tensor]) -> Result<LeafForward> {
         struct Leaves<'a> {
             model: &'a SpdModel,
@@ -332,6 +454,43 @@ impl SpdModel {
         })
     }
 
+    /// Logits `[B, T, vocab]` of the component model with masks `masks[i]` (`[B, T, C]`, or
+    /// broadcastable), no leaves; with `with_delta` every module adds its weight delta `x Δᵀ`
+    /// (so all-ones masks plus deltas reproduce the target model).
+    pub fn masked_logits(
+        &self,
+        tokens: &Tensor,
+        masks: &[Tensor],
+        with_delta: bool,
+    ) -> Result<Tensor> {
+        struct Masked<'a> {
+            model: &'a SpdModel,
+            masks: &'a [Tensor],
+            with_delta: bool,
+        }
+        impl LinearHook for Masked<'_> {
+            fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
+                let Some(i) = self.model.module_index(id) else {
+                    return PlainForward.linear(id, x, linear);
+                };
+                let comps = &self.model.modules[i].components;
+                let out = comps.masked_output(&comps.inner_acts(x)?, &self.masks[i])?;
+                match (self.with_delta, comps.delta_output(x)?) {
+                    (true, Some(d)) => out + d,
+                    _ => Ok(out),
+                }
+            }
+        }
+        self.target.forward(
+            tokens,
+            &mut Masked {
+                model: self,
+                masks,
+                with_delta,
+            },
+        )
+    }
+
     /// Masks of all ones for every module, `[1, T, C]`.
     pub fn ones_masks(&self, t: usize) -> Result<Vec<Tensor>> {
         self.modules
@@ -339,4 +498,18 @@ impl SpdModel {
             .map(|m| Tensor::ones((1, t, m.components.c()), DType::F32, self.device()))
             .collect()
     }
+}
+
+/// A layerwise module's CI before the sigmoid, `[B, T, C]`, from its input `[B, T, d_in]`.
+pub fn layerwise_pre_sigmoid(m: &DecomposedModule, x: &Tensor) -> Result<Tensor> {
+    let ci_fn = m
+        .ci_fn
+        .as_ref()
+        .expect("a layerwise run has a CI network per module");
+    let (b, t, d_in) = x.dims3()?;
+    let flat = x.reshape((b * t, d_in))?;
+    let acts = m.components.inner_acts(&flat)?;
+    ci_fn
+        .pre_sigmoid(&flat, &acts)?
+        .reshape((b, t, m.components.c()))
 }

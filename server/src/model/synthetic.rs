@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 use super::checkpoint::TensorFile;
-use super::ci::CiFn;
-use super::components::Components;
-use super::config::{CiFnType, Gpt2Config, Sampling, SigmoidType, SpdConfig, TaskConfig};
-use super::gpt2_simple::{Gpt2Simple, ModuleKind};
-use super::spd::{DecomposedModule, SpdModel};
+use super::config::{
+    CiConfig, CiFnType, GlobalCiConfig, GlobalCiFnType, ModuleInfo, Sampling, SigmoidType,
+    SpdConfig, TaskConfig,
+};
+use super::spd::SpdModel;
+use super::transformer::{Family, Gpt2Config, LlamaConfig, NormKind, TargetConfig, Transformer};
 
 /// The shape of a synthetic model.
 #[derive(Debug, Clone)]
@@ -27,6 +28,16 @@ pub struct SyntheticSpec {
     /// Target fraction of CI values > 0 (the CI networks' final bias is shifted to reach it).
     pub ci_active_frac: f64,
     pub seed: u64,
+    pub family: Family,
+    /// K/V heads of a Llama family (`None`: as many as query heads).
+    pub n_kv_head: Option<usize>,
+    /// C per module in model order (`None`: `c` everywhere).
+    pub module_c: Option<Vec<usize>>,
+    /// A global CI network instead of the layerwise `ci_fn_type` (shared MLP or transformer).
+    pub global_ci: Option<GlobalCiConfig>,
+    /// Biases on the projections (GPT2Simple always has them).
+    pub biases: bool,
+    pub use_delta_component: bool,
 }
 
 impl SyntheticSpec {
@@ -43,7 +54,50 @@ impl SyntheticSpec {
             ci_hidden: vec![1000],
             ci_active_frac: 0.02,
             seed: 0,
+            family: Family::Gpt2Simple,
+            n_kv_head: None,
+            module_c: None,
+            global_ci: None,
+            biases: true,
+            use_delta_component: true,
         }
+    }
+
+    /// The target's description.
+    pub fn target_config(&self) -> TargetConfig {
+        if self.family == Family::Gpt2Simple {
+            return TargetConfig::gpt2_simple(Gpt2Config {
+                block_size: self.block_size,
+                vocab_size: self.vocab_size,
+                n_layer: self.n_layer,
+                n_head: self.n_head,
+                n_embd: self.n_embd,
+            });
+        }
+        let d_mlp = if self.family == Family::LlamaSimple {
+            3 * self.n_embd
+        } else {
+            4 * self.n_embd
+        };
+        TargetConfig::llama(
+            self.family,
+            LlamaConfig {
+                block_size: self.block_size,
+                vocab_size: self.vocab_size,
+                n_layer: self.n_layer,
+                n_head: self.n_head,
+                n_embd: self.n_embd,
+                n_intermediate: d_mlp,
+                mlp_bias: self.biases,
+                attn_bias: self.biases,
+                rotary_adjacent_pairs: false,
+                rotary_base: 10000.0,
+                n_ctx: self.block_size,
+                n_key_value_heads: self.n_kv_head.unwrap_or(self.n_head),
+                use_grouped_query_attention: true,
+                rms_norm_eps: 1e-6,
+            },
+        )
     }
 }
 
@@ -85,56 +139,61 @@ fn randn(rng: &mut Rng, shape: &[usize], std: f64) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches data")
 }
 
-/// Builds a random model of `spec` with every projection decomposed.
+/// Builds a random model of `spec` with every projection decomposed, through the same
+/// [`SpdModel::build`] as runs read from disk.
 pub fn synthetic_model(spec: &SyntheticSpec) -> candle_core::Result<SpdModel> {
     let mut rng = Rng::new(spec.seed);
-    let (d, v, c) = (spec.n_embd, spec.vocab_size, spec.c);
+    let cfg = spec.target_config();
+    let (d, v) = (cfg.n_embd, cfg.vocab_size);
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("wte.weight".into(), randn(&mut rng, &[v, d], 0.5));
-    t.insert(
-        "wpe.weight".into(),
-        randn(&mut rng, &[spec.block_size, d], 0.1),
-    );
-    let ln = |t: &mut HashMap<String, Tensor>, rng: &mut Rng, name: &str| {
+    if cfg.family == Family::Gpt2Simple {
+        t.insert(
+            "wpe.weight".into(),
+            randn(&mut rng, &[spec.block_size, d], 0.1),
+        );
+    }
+    let layer_norm = matches!(cfg.norm, NormKind::LayerNorm { .. });
+    let norm = |t: &mut HashMap<String, Tensor>, rng: &mut Rng, name: &str| {
         let w: Vec<f32> = (0..d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
         t.insert(
             format!("{name}.weight"),
             Tensor::new(w, &Device::Cpu).expect("vec"),
         );
-        t.insert(format!("{name}.bias"), randn(rng, &[d], 0.1));
+        if layer_norm {
+            t.insert(format!("{name}.bias"), randn(rng, &[d], 0.1));
+        }
     };
-    for i in 0..spec.n_layer {
-        ln(&mut t, &mut rng, &format!("h.{i}.ln_1"));
-        ln(&mut t, &mut rng, &format!("h.{i}.ln_2"));
-        for kind in ModuleKind::ALL {
-            let (d_in, d_out) = match kind {
-                ModuleKind::CFc => (d, 4 * d),
-                ModuleKind::Down => (4 * d, d),
-                _ => (d, d),
-            };
+    let (n1, n2) = if layer_norm {
+        ("ln_1", "ln_2")
+    } else {
+        ("rms_1", "rms_2")
+    };
+    for i in 0..cfg.n_layer {
+        norm(&mut t, &mut rng, &format!("h.{i}.{n1}"));
+        norm(&mut t, &mut rng, &format!("h.{i}.{n2}"));
+        for &kind in cfg.kinds() {
+            let (d_in, d_out) = cfg.dims(kind);
             let p = format!("h.{i}.{}", kind.suffix());
             t.insert(
                 format!("{p}.weight"),
                 randn(&mut rng, &[d_out, d_in], 1.0 / (d_in as f64).sqrt()),
             );
-            t.insert(format!("{p}.bias"), randn(&mut rng, &[d_out], 0.05));
+            if cfg.has_bias(kind) {
+                t.insert(format!("{p}.bias"), randn(&mut rng, &[d_out], 0.05));
+            }
         }
     }
-    ln(&mut t, &mut rng, "ln_f");
-    let cfg = Gpt2Config {
-        block_size: spec.block_size,
-        vocab_size: v,
-        n_layer: spec.n_layer,
-        n_head: spec.n_head,
-        n_embd: d,
-    };
-    let target = Gpt2Simple::new(cfg, &TensorFile::from_map(PathBuf::from("<synthetic>"), t))
+    norm(&mut t, &mut rng, "ln_f");
+    let target = Transformer::new(cfg, &TensorFile::from_map(PathBuf::from("<synthetic>"), t))
         .map_err(candle_core::Error::wrap)?;
 
     let mut spd: HashMap<String, Tensor> = HashMap::new();
-    let mut modules = Vec::new();
-    for id in target.module_ids() {
+    let mut module_info = Vec::new();
+    let mut shapes = Vec::new();
+    for (i, id) in target.module_ids().enumerate() {
         let name = id.name();
+        let c = spec.module_c.as_ref().map_or(spec.c, |cs| cs[i]);
         let dash = name.replace('.', "-");
         let lin = target.linear(id);
         let (d_in, d_out) = (lin.d_in(), lin.d_out());
@@ -146,63 +205,145 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> candle_core::Result<SpdModel> {
             format!("_components.{dash}.U"),
             randn(&mut rng, &[c, d_out], 1.0 / (c as f64).sqrt()),
         );
-        let (first, last) = match spec.ci_fn_type {
-            CiFnType::SharedMlp => (d_in, c),
-            CiFnType::VectorMlp => (d_in, 1),
-            CiFnType::Mlp => (1, 1),
-        };
-        let mut dims = vec![first];
-        dims.extend(&spec.ci_hidden);
-        dims.push(last);
-        for (l, w) in dims.windows(2).enumerate() {
-            let std = 1.0 / (w[0] as f64).sqrt();
-            let (wk, bk) = (
-                format!("_ci_fns.{dash}.layers.{}.W", 2 * l),
-                format!("_ci_fns.{dash}.layers.{}.b", 2 * l),
-            );
-            match spec.ci_fn_type {
-                CiFnType::SharedMlp => {
-                    spd.insert(wk, randn(&mut rng, &[w[0], w[1]], std));
-                    spd.insert(bk, randn(&mut rng, &[w[1]], 0.1));
-                }
-                _ => {
-                    spd.insert(wk, randn(&mut rng, &[c, w[0], w[1]], std));
-                    spd.insert(bk, randn(&mut rng, &[c, w[1]], 0.1));
-                }
-            }
+        if spec.global_ci.is_none() {
+            layerwise_ci_tensors(&mut spd, &mut rng, spec, &dash, d_in, c);
         }
-        let f = TensorFile::from_map(PathBuf::from("<synthetic>"), spd.clone());
-        let components = Components::new(&f, &name, d_in, d_out, c, lin.bias.as_ref())
-            .map_err(candle_core::Error::wrap)?;
-        let ci_fn = CiFn::new(&f, &name, spec.ci_fn_type, &spec.ci_hidden, d_in, c)
-            .map_err(candle_core::Error::wrap)?;
-        modules.push(DecomposedModule {
-            id,
-            name,
-            components,
-            ci_fn,
-        });
-    }
-    let mut model = SpdModel {
-        config: SpdConfig {
+        module_info.push(ModuleInfo {
+            module_pattern: name.clone(),
             c,
-            ci_fn_type: spec.ci_fn_type,
-            ci_fn_hidden_dims: spec.ci_hidden.clone(),
-            sigmoid_type: SigmoidType::LeakyHard,
-            sampling: Sampling::Continuous,
-            target_module_patterns: vec!["h.*".into()],
-            pretrained_model_class: "GPT2Simple".into(),
-            pretrained_model_name: None,
-            pretrained_model_path: None,
-            tokenizer_name: None,
-            task_config: TaskConfig::default(),
+        });
+        shapes.push((name, d_in, c));
+    }
+    let ci = match &spec.global_ci {
+        None => CiConfig::Layerwise {
+            fn_type: spec.ci_fn_type,
+            hidden_dims: spec.ci_hidden.clone(),
         },
-        target,
-        modules,
-        checkpoint: PathBuf::from("<synthetic>"),
+        Some(g) => {
+            global_ci_tensors(&mut spd, &mut rng, g, &shapes);
+            CiConfig::Global(g.clone())
+        }
     };
+    let config = SpdConfig {
+        module_info,
+        identity_module_info: vec![],
+        ci,
+        sigmoid_type: SigmoidType::LeakyHard,
+        sampling: Sampling::Continuous,
+        use_delta_component: spec.use_delta_component,
+        pretrained_model_class: spec.family.name().into(),
+        pretrained_model_name: None,
+        pretrained_model_path: None,
+        tokenizer_name: None,
+        task_config: TaskConfig::default(),
+    };
+    let f = TensorFile::from_map(PathBuf::from("<synthetic>"), spd);
+    let mut model = SpdModel::build(config, std::path::Path::new("<synthetic>"), target, &f)
+        .map_err(candle_core::Error::wrap)?;
     calibrate_ci_bias(&mut model, spec.ci_active_frac, &mut rng)?;
     Ok(model)
+}
+
+/// `_ci_fns.<dash>.layers.*` of a layerwise network.
+fn layerwise_ci_tensors(
+    spd: &mut HashMap<String, Tensor>,
+    rng: &mut Rng,
+    spec: &SyntheticSpec,
+    dash: &str,
+    d_in: usize,
+    c: usize,
+) {
+    let (first, last) = match spec.ci_fn_type {
+        CiFnType::SharedMlp => (d_in, c),
+        CiFnType::VectorMlp => (d_in, 1),
+        CiFnType::Mlp => (1, 1),
+    };
+    let mut dims = vec![first];
+    dims.extend(&spec.ci_hidden);
+    dims.push(last);
+    for (l, w) in dims.windows(2).enumerate() {
+        let std = 1.0 / (w[0] as f64).sqrt();
+        let (wk, bk) = (
+            format!("_ci_fns.{dash}.layers.{}.W", 2 * l),
+            format!("_ci_fns.{dash}.layers.{}.b", 2 * l),
+        );
+        match spec.ci_fn_type {
+            CiFnType::SharedMlp => {
+                spd.insert(wk, randn(rng, &[w[0], w[1]], std));
+                spd.insert(bk, randn(rng, &[w[1]], 0.1));
+            }
+            _ => {
+                spd.insert(wk, randn(rng, &[c, w[0], w[1]], std));
+                spd.insert(bk, randn(rng, &[c, w[1]], 0.1));
+            }
+        }
+    }
+}
+
+/// `ci_fn._global_ci_fn.*` of a global shared MLP or shared transformer.
+fn global_ci_tensors(
+    spd: &mut HashMap<String, Tensor>,
+    rng: &mut Rng,
+    g: &GlobalCiConfig,
+    shapes: &[(String, usize, usize)],
+) {
+    let p = "ci_fn._global_ci_fn.";
+    let sum_in: usize = shapes.iter().map(|s| s.1).sum();
+    let sum_c: usize = shapes.iter().map(|s| s.2).sum();
+    let affine = |spd: &mut HashMap<String, Tensor>, rng: &mut Rng, key: String, a, b| {
+        spd.insert(
+            format!("{key}.W"),
+            randn(rng, &[a, b], 1.0 / (a as f64).sqrt()),
+        );
+        spd.insert(format!("{key}.b"), randn(rng, &[b], 0.1));
+    };
+    match g.fn_type {
+        GlobalCiFnType::SharedMlp => {
+            let mut dims = vec![sum_in];
+            dims.extend(&g.hidden_dims);
+            dims.push(sum_c);
+            for (l, w) in dims.windows(2).enumerate() {
+                affine(spd, rng, format!("{p}layers.{}", 2 * l), w[0], w[1]);
+            }
+        }
+        GlobalCiFnType::SharedTransformer => {
+            let t = g.transformer.as_ref().expect("a transformer config");
+            let dm = t.d_model;
+            affine(spd, rng, format!("{p}_input_projector"), sum_in, dm);
+            affine(spd, rng, format!("{p}_output_head"), dm, sum_c);
+            let mut mlp = vec![dm];
+            mlp.extend(&t.mlp_hidden_dim);
+            mlp.push(dm);
+            let dh = dm / t.attn_config.n_heads;
+            let inv_freq: Vec<f32> = (0..dh / 2)
+                .map(|i| 1.0 / (t.attn_config.rope_base as f32).powf(2.0 * i as f32 / dh as f32))
+                .collect();
+            for b in 0..t.n_blocks {
+                for w in mlp.windows(2).enumerate() {
+                    affine(
+                        spd,
+                        rng,
+                        format!("{p}_blocks.{b}.mlp.{}", 2 * w.0),
+                        w.1[0],
+                        w.1[1],
+                    );
+                }
+                for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    spd.insert(
+                        format!("{p}_blocks.{b}.attn.{proj}.weight"),
+                        randn(rng, &[dm, dm], 1.0 / (dm as f64).sqrt()),
+                    );
+                }
+                spd.insert(
+                    format!("{p}_blocks.{b}.attn.rope.inv_freq"),
+                    Tensor::new(inv_freq.as_slice(), &Device::Cpu).expect("vec"),
+                );
+            }
+        }
+        GlobalCiFnType::ReverseResidual => {
+            unimplemented!("synthetic reverse-residual CI networks are not built")
+        }
+    }
 }
 
 /// Shifts each CI network's final bias so that about `frac` of its outputs on random prompts are > 0.
@@ -213,12 +354,19 @@ fn calibrate_ci_bias(model: &mut SpdModel, frac: f64, rng: &mut Rng) -> candle_c
         .collect();
     let batch = Tensor::from_slice(&tokens, (4, t), &Device::Cpu)?;
     let out = model.ci(&batch)?;
-    for (m, z) in model.modules.iter_mut().zip(out.pre_sigmoid) {
+    let mut shifts = Vec::with_capacity(out.pre_sigmoid.len());
+    for z in &out.pre_sigmoid {
         let mut zs: Vec<f32> = z.flatten_all()?.to_vec1()?;
         zs.sort_by(f32::total_cmp);
-        let q = zs[((1.0 - frac) * (zs.len() - 1) as f64) as usize];
-        let (_, b) = m.ci_fn.layers.last_mut().expect("at least one layer");
-        *b = (b.clone() - q as f64)?;
+        shifts.push(-zs[((1.0 - frac) * (zs.len() - 1) as f64) as usize]);
+    }
+    if let Some(global) = &mut model.global_ci {
+        return global.shift_output_bias(&shifts);
+    }
+    for (m, q) in model.modules.iter_mut().zip(shifts) {
+        let ci_fn = m.ci_fn.as_mut().expect("a layerwise network");
+        let (_, b) = ci_fn.layers.last_mut().expect("at least one layer");
+        *b = (b.clone() + q as f64)?;
     }
     Ok(())
 }

@@ -251,7 +251,10 @@ impl Data {
         let ok = match layer {
             "wte" => c == 0,
             "output" => c < model.vocab_size(),
-            _ => model.modules.iter().any(|m| m.name == layer) && c < model.c(),
+            _ => model
+                .modules
+                .iter()
+                .any(|m| m.name == layer && c < m.components.c()),
         };
         if ok { Ok(()) } else { Err(bad()) }
     }
@@ -380,6 +383,8 @@ impl Explorer for Service {
             model_path: d.run.model_path.display().to_string(),
             n_blocks: d.run.model.target.blocks.len(),
             n_ctx: d.run.model.block_size(),
+            family: d.run.model.target.cfg.family.name().to_owned(),
+            ci_kind: d.run.model.ci_kind().to_owned(),
             prompt_count,
             db_bytes,
             has_contexts,

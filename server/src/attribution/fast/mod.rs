@@ -25,7 +25,9 @@ use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
 use super::strongest::TopK;
-use crate::model::gpt2_simple::{LN_EPS, LnSite, ModuleId, ModuleKind, softmax_last};
+use crate::model::transformer::{
+    LN_EPS, LnSite, MlpKind, ModuleId, ModuleKind, NormKind, Positions, softmax_last,
+};
 use crate::model::{RunError, SpdModel};
 
 /// How a target layer's edges are computed.
@@ -200,8 +202,20 @@ impl FastEngine {
         sources: &SourceMap,
         backend: Backend,
     ) -> Result<Self, String> {
+        let cfg = &model.target.cfg;
+        if !matches!(cfg.norm, NormKind::LayerNorm { .. })
+            || cfg.positions != Positions::Learned
+            || cfg.mlp != MlpKind::Gelu
+            || cfg.n_kv_head != cfg.n_head
+        {
+            return Err(format!(
+                "the fast engine's closed forms cover GPT2Simple blocks (LayerNorm, learned \
+                 positions, GELU MLP, one K/V head per query head), not {}",
+                cfg.family.name()
+            ));
+        }
         for block in 0..model.target.blocks.len() {
-            for kind in ModuleKind::ALL {
+            for &kind in cfg.kinds() {
                 let id = ModuleId { block, kind };
                 if model.module_index(id).is_none() {
                     return Err(format!(
@@ -243,7 +257,7 @@ impl FastEngine {
                         };
                         let ln_weight = model
                             .target
-                            .layer_norm(site)
+                            .norm(site)
                             .weight
                             .to_vec1()
                             .map_err(|e| e.to_string())?;
@@ -251,6 +265,9 @@ impl FastEngine {
                     }
                     ModuleKind::O => Step::Attention { block: id.block },
                     ModuleKind::Down => Step::Mlp { block: id.block },
+                    ModuleKind::Gate | ModuleKind::Up => {
+                        return Err("the fast engine has no closed form for SwiGLU MLPs".into());
+                    }
                 },
             };
             let ok = match &step {

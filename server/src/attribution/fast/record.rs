@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use super::super::prompt::PromptCi;
-use crate::model::gpt2_simple::{
+use crate::model::transformer::{
     Linear, LinearHook, LnSite, ModuleId, PlainForward, tokens_tensor,
 };
 use crate::model::{RunError, SpdModel};

@@ -20,7 +20,7 @@ use super::{Collect, Step, TargetPlan, Units, collect_units};
 use crate::attribution::graph::Edge;
 use crate::attribution::layer::Layer;
 use crate::attribution::prompt::PromptCi;
-use crate::model::gpt2_simple::{LN_EPS, ModuleId, ModuleKind};
+use crate::model::transformer::{LN_EPS, ModuleId, ModuleKind};
 use crate::model::{RunError, SpdModel};
 
 /// Upper bound on the elements of one dense intermediate (64 MiB of f32).
@@ -57,7 +57,7 @@ impl TensorWeights {
             .iter()
             .map(|p| match p.step {
                 Step::Residual { site, .. } => {
-                    model.target.layer_norm(site).weight.flatten_all().map(Some)
+                    model.target.norm(site).weight.flatten_all().map(Some)
                 }
                 _ => Ok(None),
             })
