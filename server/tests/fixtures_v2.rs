@@ -114,16 +114,15 @@ fn check_run(name: &str, checkpoint: &str) {
         }
     }
 
-    let fast = FastEngine::with_backend(&model, &sources, Backend::Host);
+    // The host backend covers every family; the tensor backend GPT2Simple only.
     let family = model.target.cfg.family;
-    // The fast engine's closed forms cover GPT2Simple; it refuses the Llama families (callers then
-    // use the reference engine).
-    assert_eq!(
-        fast.is_ok(),
-        family == server::model::transformer::Family::Gpt2Simple,
-        "{name}: fast engine coverage ({:?})",
-        fast.as_ref().err()
-    );
+    let gpt2 = family == server::model::transformer::Family::Gpt2Simple;
+    let mut engines = vec![FastEngine::with_backend(&model, &sources, Backend::Host).unwrap()];
+    match FastEngine::with_backend(&model, &sources, Backend::Tensor) {
+        Ok(engine) => engines.push(engine),
+        Err(why) => assert!(!gpt2, "{name}: {why}"),
+    }
+    assert_eq!(engines.len(), if gpt2 { 2 } else { 1 }, "{name}: backends");
 
     let (mut ci_err, mut logit_err, mut edge_err) = (0f64, 0f64, 0f64);
     for p in exp["prompts"].as_array().unwrap() {
@@ -169,17 +168,17 @@ fn check_run(name: &str, checkpoint: &str) {
             softmax_last(&model.masked_logits(&tok, &ci.lower_tensors, false).unwrap()).unwrap();
         assert_eq!(graph.masked_probs, host2(&masked), "{name}: masked probs");
         assert!(!graph.edges.is_empty(), "{name}: an empty graph");
-        if let Ok(engine) = &fast {
-            let raw = |g: &server::attribution::Graph| {
-                json!(
-                    g.edges
-                        .iter()
-                        .map(|e| report::edge_tuple(&model, e))
-                        .collect::<Vec<_>>()
-                )
-            };
+        let raw = |g: &server::attribution::Graph| {
+            json!(
+                g.edges
+                    .iter()
+                    .map(|e| report::edge_tuple(&model, e))
+                    .collect::<Vec<_>>()
+            )
+        };
+        for engine in &engines {
             let fg = engine.graph(&model, &ci, th).unwrap();
-            let what = format!("{name} {tokens:?} fast");
+            let what = format!("{name} {tokens:?} fast {:?}", engine.backend());
             edge_err = edge_err.max(compare_edges(&raw(&fg), &raw(&graph), EDGE_REL_TOL, &what));
             let keys = |v: &Value| {
                 v.as_array()

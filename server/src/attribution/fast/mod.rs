@@ -1,11 +1,13 @@
 //! The fast attribution engine: the same edges as [`super::reference_graph`], from closed-form local
 //! Jacobians instead of one backward pass per target node.
 //!
-//! Every module's acts are leaves, so each edge is a one-hop effect through a short local function:
-//! LayerNorm + projection for residual readers (`q/k/v/c_fc`, `output`), one block's causal attention
-//! for `q/k/v → o_proj`, the GELU for `c_fc → down_proj`. One forward records what those functions
-//! need (residual rows, attention probabilities, projection outputs); then each edge is a dot product
-//! restricted to alive rows and columns.
+//! Every module's acts are leaves, so each edge is a one-hop effect through a short local function,
+//! one closed form per operation of the block description: the norm (LayerNorm or RMSNorm) +
+//! projection for residual readers (`q/k/v`, the MLP's inputs, `output`), one block's causal
+//! attention (rotary positions and shared K/V heads included) for `q/k/v → o_proj`, the GELU for
+//! `c_fc → down_proj` or SwiGLU's two inputs for `gate_proj, up_proj → down_proj`. One forward
+//! records what those functions need (residual rows, attention probabilities, projection outputs);
+//! then each edge is a dot product restricted to alive rows and columns.
 
 mod fill;
 mod host;
@@ -18,7 +20,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 
 use self::fill::{Sink, fill_units, fold_units};
-use self::host::{LnBackward, Mat, dot, gelu_tanh_grad};
+use self::host::{HostRope, Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
 use self::record::Recorded;
 use super::graph::{Edge, Graph, Thresholds, alive_nodes};
 use super::layer::Layer;
@@ -26,19 +28,25 @@ use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
 use super::strongest::TopK;
 use crate::model::transformer::{
-    LN_EPS, LnSite, MlpKind, ModuleId, ModuleKind, NormKind, Positions, softmax_last,
+    Family, LnSite, MlpKind, ModuleId, ModuleKind, NormKind, Positions, softmax_last,
 };
 use crate::model::{RunError, SpdModel};
 
 /// How a target layer's edges are computed.
 #[derive(Debug, Clone)]
 enum Step {
-    /// LayerNorm at `site`, then the target's `V` column (or `lm_head` row for `output`).
-    Residual { site: LnSite, ln_weight: Vec<f32> },
+    /// The norm at `site`, then the target's `V` column (or `lm_head` row for `output`).
+    Residual {
+        site: LnSite,
+        norm: NormKind,
+        ln_weight: Vec<f32>,
+    },
     /// `q/k/v → o_proj` through the causal attention of `block`.
     Attention { block: usize },
     /// `c_fc → down_proj` through the GELU of `block`.
     Mlp { block: usize },
+    /// `gate_proj, up_proj → down_proj` through `silu(gate) ⊙ up` of `block`.
+    Glu { block: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +165,26 @@ impl Backend {
         Self::choose(device.is_cpu(), threads)
     }
 
+    /// [`Self::for_device`] for `model`, falling back to the host backend where the tensor
+    /// backend's closed forms do not cover the model's blocks.
+    pub fn for_model(model: &SpdModel) -> Self {
+        match Self::for_device(model.device()) {
+            Self::Tensor if !Self::tensor_covers(model) => Self::Host,
+            b => b,
+        }
+    }
+
+    /// Whether the tensor backend covers `model`: GPT2Simple blocks (LayerNorm, learned positions,
+    /// a GELU MLP, a K/V head per query head). The host backend covers every family.
+    pub fn tensor_covers(model: &SpdModel) -> bool {
+        let cfg = &model.target.cfg;
+        cfg.family == Family::Gpt2Simple
+            && matches!(cfg.norm, NormKind::LayerNorm { .. })
+            && cfg.positions == Positions::Learned
+            && cfg.mlp == MlpKind::Gelu
+            && cfg.n_kv_head == cfg.n_head
+    }
+
     fn choose(on_cpu: bool, host_threads: usize) -> Self {
         if on_cpu || host_threads >= HOST_THREADS_FOR_GPU {
             Self::Host
@@ -185,7 +213,11 @@ pub struct FastEngine {
     plans: Vec<TargetPlan>,
     weights: Weights,
     n_head: usize,
+    /// K/V heads; query head `h` reads K/V head `h / (n_head / n_kv_head)`.
+    n_kv_head: usize,
     head_dim: usize,
+    /// Rotary tables of a model with rotary positions (host backend).
+    rope: Option<HostRope>,
 }
 
 impl FastEngine {
@@ -193,7 +225,7 @@ impl FastEngine {
     /// reason) models whose structure they do not cover: every block must have all six projections
     /// decomposed, so each edge is one hop.
     pub fn new(model: &SpdModel, sources: &SourceMap) -> Result<Self, String> {
-        Self::with_backend(model, sources, Backend::for_device(model.device()))
+        Self::with_backend(model, sources, Backend::for_model(model))
     }
 
     /// [`Self::new`] on a chosen backend.
@@ -203,14 +235,10 @@ impl FastEngine {
         backend: Backend,
     ) -> Result<Self, String> {
         let cfg = &model.target.cfg;
-        if !matches!(cfg.norm, NormKind::LayerNorm { .. })
-            || cfg.positions != Positions::Learned
-            || cfg.mlp != MlpKind::Gelu
-            || cfg.n_kv_head != cfg.n_head
-        {
+        if backend == Backend::Tensor && !Backend::tensor_covers(model) {
             return Err(format!(
-                "the fast engine's closed forms cover GPT2Simple blocks (LayerNorm, learned \
-                 positions, GELU MLP, one K/V head per query head), not {}",
+                "the tensor backend's closed forms cover GPT2Simple blocks (LayerNorm, learned \
+                 positions, GELU MLP, one K/V head per query head), not {}; use the host backend",
                 cfg.family.name()
             ));
         }
@@ -240,6 +268,7 @@ impl FastEngine {
             let step = match kind_of(*target) {
                 None => Step::Residual {
                     site: LnSite::Final,
+                    norm: cfg.norm,
                     ln_weight: model
                         .target
                         .ln_f
@@ -249,11 +278,10 @@ impl FastEngine {
                         .map_err(|e| e.to_string())?,
                 },
                 Some(id) => match id.kind {
-                    ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::CFc => {
-                        let site = if id.kind == ModuleKind::CFc {
-                            LnSite::Mlp(id.block)
-                        } else {
-                            LnSite::Attn(id.block)
+                    kind if kind.reads_residual() => {
+                        let site = match kind {
+                            ModuleKind::Q | ModuleKind::K | ModuleKind::V => LnSite::Attn(id.block),
+                            _ => LnSite::Mlp(id.block),
                         };
                         let ln_weight = model
                             .target
@@ -261,13 +289,15 @@ impl FastEngine {
                             .weight
                             .to_vec1()
                             .map_err(|e| e.to_string())?;
-                        Step::Residual { site, ln_weight }
+                        Step::Residual {
+                            site,
+                            norm: cfg.norm,
+                            ln_weight,
+                        }
                     }
                     ModuleKind::O => Step::Attention { block: id.block },
-                    ModuleKind::Down => Step::Mlp { block: id.block },
-                    ModuleKind::Gate | ModuleKind::Up => {
-                        return Err("the fast engine has no closed form for SwiGLU MLPs".into());
-                    }
+                    ModuleKind::Down if cfg.mlp == MlpKind::SwiGlu => Step::Glu { block: id.block },
+                    _ => Step::Mlp { block: id.block },
                 },
             };
             let ok = match &step {
@@ -289,6 +319,18 @@ impl FastEngine {
                             == Some(ModuleId {
                                 block: *block,
                                 kind: ModuleKind::CFc,
+                            })
+                }
+                Step::Glu { block } => {
+                    let kinds: Vec<Option<ModuleId>> =
+                        srcs.iter().map(|s| kind_of(s.layer)).collect();
+                    srcs.iter().all(|s| !s.cross_seq)
+                        && kinds
+                            == [ModuleKind::Gate, ModuleKind::Up].map(|kind| {
+                                Some(ModuleId {
+                                    block: *block,
+                                    kind,
+                                })
                             })
                 }
             };
@@ -323,11 +365,17 @@ impl FastEngine {
                 tensor::TensorWeights::new(model, &plans).map_err(|e| e.to_string())?,
             ),
         };
+        let rope = match &model.target.rope {
+            Some(r) => Some(HostRope::new(r).map_err(|e| e.to_string())?),
+            None => None,
+        };
         Ok(Self {
             plans,
             weights,
-            n_head: model.target.cfg.n_head,
-            head_dim: model.target.cfg.head_dim(),
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim(),
+            rope,
         })
     }
 
@@ -535,11 +583,14 @@ impl Ctx<'_> {
     /// The edges of one work unit: `plan`'s targets at one position.
     fn unit(&self, (plan, s): (&TargetPlan, usize), out: &mut impl Sink<Edge>) {
         match &plan.step {
-            Step::Residual { site, ln_weight } => {
-                self.residual(plan, *site, ln_weight, s..s + 1, out)
-            }
+            Step::Residual {
+                site,
+                norm,
+                ln_weight,
+            } => self.residual(plan, *site, *norm, ln_weight, s..s + 1, out),
             Step::Attention { block } => self.attention(plan, *block, s..s + 1, out),
             Step::Mlp { block } => self.mlp(plan, *block, s..s + 1, out),
+            Step::Glu { block } => self.glu(plan, *block, s..s + 1, out),
         }
     }
 
@@ -573,11 +624,12 @@ impl Ctx<'_> {
         });
     }
 
-    /// Residual readers: `∂act/∂x` through the LayerNorm, then one dot product per source row.
+    /// Residual readers: `∂act/∂x` through the norm, then one dot product per source row.
     fn residual(
         &self,
         plan: &TargetPlan,
         site: LnSite,
+        norm: NormKind,
         ln_weight: &[f32],
         positions: Range<usize>,
         edges: &mut impl Sink<Edge>,
@@ -590,7 +642,7 @@ impl Ctx<'_> {
             if outs.is_empty() {
                 continue;
             }
-            let ln = LnBackward::new(x.row(s), LN_EPS);
+            let ln = NormBackward::new(norm, x.row(s));
             for &c_out in outs {
                 let column = match plan.target {
                     Layer::Module(i) => e.vt[i].row(c_out as usize),
@@ -623,7 +675,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// `q/k/v → o_proj` of one block, from the softmax attention's derivatives.
+    /// `q/k/v → o_proj` of one block, from the softmax attention's derivatives. With rotary
+    /// positions the scores read `q' = R_s q` and `k' = R_s₂ k`, so a q source's gradient is rotated
+    /// back by `R_sᵀ` and a k source's reads `R_s₂ᵀ q'`; query head `h` reads K/V head `h / r`.
     fn attention(
         &self,
         plan: &TargetPlan,
@@ -633,6 +687,7 @@ impl Ctx<'_> {
     ) {
         let e = self.weights;
         let (nh, hd) = (self.engine.n_head, self.engine.head_dim);
+        let group = nh / self.engine.n_kv_head;
         let inv_sqrt = 1.0 / (hd as f32).sqrt();
         let id = |kind| ModuleId { block, kind };
         let (q, k, v) = (
@@ -646,11 +701,39 @@ impl Ctx<'_> {
         let o = self.module(id(ModuleKind::O));
         let vt_o = &e.vt[o];
         let head = |h: usize| h * hd..(h + 1) * hd;
+        let kv_head = |h: usize| head(h / group);
         let (iq, ik, iv) = (
             self.module(id(ModuleKind::Q)),
             self.module(id(ModuleKind::K)),
             self.module(id(ModuleKind::V)),
         );
+        // q' and k' as the scores read them (rotated where the model has rotary positions).
+        let rotated = |m: &Mat, heads: usize| -> Mat {
+            let Some(rope) = &self.engine.rope else {
+                return m.clone();
+            };
+            let mut out = m.clone();
+            for s in 0..m.rows {
+                for h in 0..heads {
+                    let r = head(h);
+                    rope.rotate(
+                        &m.row(s)[r.clone()],
+                        s,
+                        false,
+                        &mut out.data[s * m.cols..][r],
+                    );
+                }
+            }
+            out
+        };
+        let (qr, kr) = (rotated(q, nh), rotated(k, self.engine.n_kv_head));
+        let back = |x: &mut [f32], s: usize, tmp: &mut [f32]| {
+            if let Some(rope) = &self.engine.rope {
+                rope.rotate(x, s, true, tmp);
+                x.copy_from_slice(tmp);
+            }
+        };
+        let mut tmp = vec![0f32; hd];
         let mut w = vec![0f32; nh * t];
         let mut wbar = vec![0f32; nh];
         let mut rho = vec![0f32; nh * hd];
@@ -659,15 +742,21 @@ impl Ctx<'_> {
             if outs.is_empty() {
                 continue;
             }
-            // Uₖ[c_in]·q_h[s_out] for every alive k row up to s_out: shared by all targets at s_out.
+            // Uₖ[c_in]·(R_s_inᵀ q'_h[s_out]) for every alive k row up to s_out: shared by all
+            // targets at s_out.
             let kq: Vec<Vec<f32>> = (0..=s_out)
                 .map(|s_in| {
-                    let qrow = q.row(s_out);
+                    let mut qback = qr.row(s_out).to_vec();
+                    let mut scratch = vec![0f32; hd];
+                    for h in 0..nh {
+                        back(&mut qback[head(h)], s_in, &mut scratch);
+                    }
                     self.alive(Layer::Module(ik), s_in)
                         .iter()
                         .flat_map(|&c| {
                             let urow = e.u[ik].row(c as usize);
-                            (0..nh).map(move |h| dot(&urow[head(h)], &qrow[head(h)]))
+                            let qback = &qback;
+                            (0..nh).map(move |h| dot(&urow[kv_head(h)], &qback[head(h)]))
                         })
                         .collect()
                 })
@@ -678,8 +767,7 @@ impl Ctx<'_> {
                     let beta = &col[head(h)];
                     let mut acc = 0f32;
                     for s2 in 0..=s_out {
-                        let vrow = v.row(s2);
-                        let wv = dot(&vrow[head(h)], beta);
+                        let wv = dot(&v.row(s2)[kv_head(h)], beta);
                         w[h * t + s2] = wv;
                         acc += p(h, s_out, s2) * wv;
                     }
@@ -695,11 +783,11 @@ impl Ctx<'_> {
                             r.fill(0.0);
                             for s2 in 0..=s_out {
                                 let f = p(h, s_out, s2) * (w[h * t + s2] - wbar[h]) * inv_sqrt;
-                                let krow = k.row(s2);
-                                for (ri, ki) in r.iter_mut().zip(&krow[head(h)]) {
+                                for (ri, ki) in r.iter_mut().zip(&kr.row(s2)[kv_head(h)]) {
                                     *ri += f * ki;
                                 }
                             }
+                            back(r, s_out, &mut tmp);
                         }
                         for &c_in in self.alive(src.layer, s_out) {
                             let urow = e.u[j].row(c_in as usize);
@@ -745,7 +833,9 @@ impl Ctx<'_> {
                             for &c_in in self.alive(src.layer, s_in) {
                                 let urow = e.u[j].row(c_in as usize);
                                 let g: f32 = (0..nh)
-                                    .map(|h| p(h, s_out, s_in) * dot(&urow[head(h)], &col[head(h)]))
+                                    .map(|h| {
+                                        p(h, s_out, s_in) * dot(&urow[kv_head(h)], &col[head(h)])
+                                    })
                                     .sum();
                                 self.push(
                                     edges,
@@ -759,6 +849,51 @@ impl Ctx<'_> {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `gate_proj, up_proj → down_proj` of SwiGLU, `a = silu(g) ⊙ u`: a gate source's edge is
+    /// `U_gate[c_in] · (silu'(g) ⊙ u ⊙ V_down[:, c_out])`, an up source's
+    /// `U_up[c_in] · (silu(g) ⊙ V_down[:, c_out])`.
+    fn glu(
+        &self,
+        plan: &TargetPlan,
+        block: usize,
+        positions: Range<usize>,
+        edges: &mut impl Sink<Edge>,
+    ) {
+        let e = self.weights;
+        let out_of = |kind| &self.rec.outputs[&ModuleId { block, kind }];
+        let (gate, up) = (out_of(ModuleKind::Gate), out_of(ModuleKind::Up));
+        let Layer::Module(i) = plan.target else {
+            unreachable!("planned as down_proj")
+        };
+        let mut via_gate = vec![0f32; gate.cols];
+        let mut via_up = vec![0f32; gate.cols];
+        for s in positions {
+            let outs = self.alive(plan.target, s);
+            if outs.is_empty() {
+                continue;
+            }
+            let (act, grad): (Vec<f32>, Vec<f32>) =
+                gate.row(s).iter().map(|x| silu_and_grad(*x)).unzip();
+            for &c_out in outs {
+                let col = e.vt[i].row(c_out as usize);
+                for (n, c) in col.iter().enumerate() {
+                    via_gate[n] = c * grad[n] * up.at(s, n);
+                    via_up[n] = c * act[n];
+                }
+                for (src, tmp) in plan.sources.iter().zip([&via_gate, &via_up]) {
+                    let Layer::Module(j) = src.layer else {
+                        unreachable!("planned as gate_proj, up_proj")
+                    };
+                    for &c_in in self.alive(src.layer, s) {
+                        let v =
+                            self.coef[j].at(s, c_in as usize) * dot(e.u[j].row(c_in as usize), tmp);
+                        self.push(edges, src, plan.target, c_in, c_out, s, s, v);
                     }
                 }
             }

@@ -291,7 +291,7 @@ fn plan_pieces(
                 .unwrap_or(0);
             (nh * t.max(widest_pairs)).max(c_max)
         }
-        Step::Mlp { .. } => c_max.max(
+        Step::Mlp { .. } | Step::Glu { .. } => c_max.max(
             rec.outputs
                 .values()
                 .map(|o| o.dim(1).unwrap_or(0))
@@ -432,6 +432,7 @@ fn plan_pieces(
                 }
             }
         }
+        Step::Glu { .. } => unreachable!("the tensor backend refuses SwiGLU models"),
         Step::Mlp { block } => {
             let h = &rec.outputs[&ModuleId {
                 block: *block,
