@@ -186,3 +186,74 @@ fn text_is_tokenized_with_a_local_tokenizer_json() {
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["tokens"], serde_json::json!([5, 17, 3]));
 }
+
+/// Every v2 run (spd's Feb 2026 formats and families) through the command line: the JSON keys of
+/// today, module paths as layer names, CI equal to the original's, and the same edges from both
+/// engines.
+#[test]
+fn v2_runs_print_ci_and_graphs() {
+    for name in [
+        "llama_mlp_layerwise",
+        "llama_glu_global",
+        "gpt2_transformer_ci",
+        "gpt2_main_format",
+    ] {
+        let exp = expected(&format!("v2/{name}"));
+        let p = &exp["prompts"][1];
+        let tokens: Vec<String> = p["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let dir = fixture_dir(&format!("v2/{name}"));
+        let run = |engine: &str| -> Value {
+            let out = attribute(&[
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                &tokens.join(","),
+                "--engine",
+                engine,
+            ]);
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let (fast, reference) = (run("fast"), run("reference"));
+        for key in [
+            "ci",
+            "ci_upper_leaky",
+            "ci_pre_sigmoid",
+            "target_output_probs",
+            "masked_output_probs",
+            "sources_by_target",
+            "edges",
+        ] {
+            assert!(fast.get(key).is_some(), "{name}: missing key {key}");
+        }
+        for (module, rows) in p["ci_lower_leaky"].as_object().unwrap() {
+            let ours = &fast["ci"][module];
+            assert!(ours.is_array(), "{name}: no CI for {module}");
+            let d = common::max_abs_diff_2d(
+                &serde_json::from_value::<Vec<Vec<f32>>>(ours.clone()).unwrap(),
+                rows,
+            );
+            assert!(d <= 1e-5, "{name} {module}: CI off by {d:e}");
+        }
+        let layers: std::collections::BTreeSet<&str> = fast["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| [e[0].as_str().unwrap(), e[1].as_str().unwrap()])
+            .collect();
+        assert!(layers.contains("wte") && layers.contains("output"), "{name}");
+        let glu = name == "llama_glu_global";
+        assert_eq!(layers.contains("h.0.mlp.gate_proj"), glu, "{name}: {layers:?}");
+        assert_eq!(fast["n_backward_passes"], 0, "{name}: fast engine used");
+        compare_edges(&fast["edges"], &reference["edges"], 1e-4, name);
+    }
+}

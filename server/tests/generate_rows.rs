@@ -20,7 +20,18 @@ use server::model::synthetic::Rng;
 use server::model::transformer::softmax_last;
 use server::store::{queries, schema};
 
+/// The original tool's runs, with the original `generate`'s output for them.
 const FIXTURES: [&str; 3] = ["tiny_shared", "tiny_vector", "tiny_mlp"];
+/// Those and spd's Feb 2026 runs (a C per module, global CI networks, the Llama families).
+const ALL_RUNS: [&str; 7] = [
+    "tiny_shared",
+    "tiny_vector",
+    "tiny_mlp",
+    "v2/llama_mlp_layerwise",
+    "v2/llama_glu_global",
+    "v2/gpt2_transformer_ci",
+    "v2/gpt2_main_format",
+];
 
 fn load(name: &str) -> SpdModel {
     SpdModel::load(&fixture_dir(name), &Device::Cpu).unwrap()
@@ -31,12 +42,13 @@ fn fixture_prompts(name: &str) -> Vec<Vec<u32>> {
         .unwrap()
 }
 
-/// The fixture prompts and `n` random prompts of 1–40 tokens.
+/// The fixture prompts and `n` random prompts of 1–40 tokens (at most the model's context).
 fn prompts(name: &str, n: usize) -> Vec<Vec<u32>> {
     let mut rng = Rng::new(5);
     let mut p = fixture_prompts(name);
+    let longest = load(name).block_size().min(40);
     p.extend((0..n).map(|_| {
-        let len = 1 + rng.below(40);
+        let len = 1 + rng.below(longest);
         (0..len).map(|_| rng.below(96) as u32).collect()
     }));
     p
@@ -57,7 +69,7 @@ fn batch(windows: &[Window]) -> Tensor {
 
 #[test]
 fn lower_ci_forward_equals_the_engine_ci() {
-    for name in FIXTURES {
+    for name in ALL_RUNS {
         let model = load(name);
         let windows: Vec<Window> = prompts(name, 3)[3..]
             .iter()
@@ -95,7 +107,7 @@ fn host_and_device_reductions_agree() {
         ci: 1e-6,
         output_prob: 0.01,
     };
-    for name in FIXTURES {
+    for name in ALL_RUNS {
         let model = load(name);
         let all: Vec<Window> = prompts(name, 9)
             .into_iter()
@@ -110,7 +122,13 @@ fn host_and_device_reductions_agree() {
             .iter()
             .map(|w| Window {
                 index: w.index,
-                tokens: w.tokens.iter().copied().cycle().take(57).collect(),
+                tokens: w
+                    .tokens
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(model.block_size().min(57))
+                    .collect(),
             })
             .collect();
         for windows in [&all[..], &equal[..]] {
@@ -195,12 +213,13 @@ fn assert_same_active(ours: &ActiveMap, theirs: &ActiveMap, what: &str) {
 #[test]
 fn database_rows_equal_the_reference_extraction() {
     let dir = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
+    for name in ALL_RUNS {
         let model = load(name);
         let prompts = prompts(name, 21);
-        let tokens_file = dir.path().join(format!("{name}.json"));
+        let file = name.replace('/', "_");
+        let tokens_file = dir.path().join(format!("{file}.json"));
         std::fs::write(&tokens_file, serde_json::to_string(&prompts).unwrap()).unwrap();
-        let db = dir.path().join(format!("{name}.db"));
+        let db = dir.path().join(format!("{file}.db"));
         let cfg = config(
             &fixture_dir(name),
             &db,

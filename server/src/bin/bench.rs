@@ -1,5 +1,7 @@
 //! `bench`: times the attribution engines and the CI pass on a model shaped like the real 1.25M
-//! SimpleStories decomposition (random weights, ~2% of CI values > 0), all in one process.
+//! SimpleStories decomposition (random weights, ~2% of CI values > 0), all in one process; then
+//! (`--suite pile`, or `all`) on one shaped like spd's Pile LlamaSimpleMLP-4L decomposition, with a
+//! layerwise CI network and with the run's global transformer CI.
 //!
 //! Not a test: run it on an idle machine (`make bench`) and record the machine and load average.
 
@@ -28,6 +30,16 @@ struct Args {
     /// Skip the (slow) reference engine.
     #[arg(long)]
     skip_reference: bool,
+    /// Which models: the 1.25M SimpleStories shape, the Pile LlamaSimpleMLP-4L shape, or both.
+    #[arg(long, value_enum, default_value_t = Suite::All)]
+    suite: Suite,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Suite {
+    SimpleStories,
+    Pile,
+    All,
 }
 
 /// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
@@ -120,6 +132,101 @@ fn view(
 
 fn main() {
     let args = Args::parse();
+    if args.suite != Suite::Pile {
+        simple_stories(&args);
+    }
+    if args.suite != Suite::SimpleStories {
+        pile(&args);
+    }
+}
+
+/// The Pile-shaped model: CI pass and the server's view (strongest 30,000 edges) at 32 / 128 / 512
+/// tokens with peak memory; then the CI pass alone with the global transformer CI.
+fn pile(args: &Args) {
+    let spec = SyntheticSpec::pile_llama_mlp_4l();
+    println!("\nPile-shaped model: {spec:?}");
+    reset_peak();
+    let t = Instant::now();
+    let model = synthetic_model(&spec).expect("build the Pile-shaped model");
+    let sources = SourceMap::probe(&model).expect("probe sources");
+    let fast = FastEngine::new(&model, &sources).expect("fast engine");
+    println!(
+        "built in {:.1} s ({} components, {:.0} MiB peak); backend {:?}",
+        t.elapsed().as_secs_f64(),
+        model.total_c(),
+        peak_mib(),
+        fast.backend()
+    );
+    let mut rng = Rng::new(11);
+    let th = Thresholds {
+        ci: 0.1,
+        output_prob: 0.01,
+    };
+    let params = GraphParams {
+        output_prob_threshold: 0.01,
+        ..GraphParams::default()
+    };
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "tokens", "alive", "edges", "ci_pass_s", "view_s", "peak_MiB"
+    );
+    for n in [32usize, 128, 512] {
+        let tokens: Vec<u32> = (0..n).map(|_| rng.below(spec.vocab_size) as u32).collect();
+        let reps = if n >= 512 { 1 } else { args.reps.min(3) };
+        reset_peak();
+        let ci_s = median_secs(reps, || {
+            PromptCi::compute(&model, &tokens).expect("ci");
+        });
+        let ci = PromptCi::compute(&model, &tokens).expect("ci");
+        let alive: usize = ci
+            .lower
+            .iter()
+            .flatten()
+            .map(|row| row.iter().filter(|v| **v >= th.ci).count())
+            .sum();
+        let mut edges = 0;
+        let view_s = median_secs(reps, || {
+            edges = view(&fast, &model, &tokens, &ci, th, params).total_edges;
+        }) + ci_s;
+        println!(
+            "{n:>8} {alive:>10} {edges:>10} {ci_s:>10.4} {view_s:>10.4} {:>9.0}",
+            peak_mib()
+        );
+    }
+    drop((fast, model));
+
+    let spec = SyntheticSpec::pile_transformer_ci();
+    println!("\nthe same model with a global shared-transformer CI (d_model 2048, 8 blocks):");
+    let t = Instant::now();
+    let model = synthetic_model(&spec).expect("build the transformer-CI model");
+    println!("built in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "{:>8} {:>12} {:>12} {:>12} {:>9}",
+        "tokens", "ci_pass_s", "target_s", "ci/target", "peak_MiB"
+    );
+    for n in [32usize, 128, 512] {
+        let tokens: Vec<u32> = (0..n).map(|_| rng.below(spec.vocab_size) as u32).collect();
+        let tok = server::model::transformer::tokens_tensor(&tokens, model.device()).expect("t");
+        let reps = if n >= 512 { 1 } else { args.reps.min(3) };
+        reset_peak();
+        let ci_s = median_secs(reps, || {
+            model.ci(&tok).expect("ci");
+        });
+        let target_s = median_secs(reps, || {
+            model
+                .target
+                .forward(&tok, &mut server::model::transformer::PlainForward)
+                .expect("forward");
+        });
+        println!(
+            "{n:>8} {ci_s:>12.4} {target_s:>12.4} {:>12.1} {:>9.0}",
+            ci_s / target_s,
+            peak_mib()
+        );
+    }
+}
+
+fn simple_stories(args: &Args) {
     let spec = SyntheticSpec::simple_stories_1m();
     println!("bench model: {spec:?}");
     let t = Instant::now();

@@ -74,6 +74,61 @@ pub fn forward(model: &SpdModel, tokens: &Tensor) -> Result<(Vec<Tensor>, Tensor
     Ok((ci, softmax_last(&logits)?))
 }
 
+/// [`forward`] of right-padded prompts of `lens` tokens. A CI network that reads other positions
+/// (a global transformer attends both ways) would read the padding too, so such a batch runs one
+/// prompt length at a time; each group's CI and probabilities are padded back with zeros (padding
+/// positions are never read) and the rows returned in the batch's order.
+pub fn forward_padded(
+    model: &SpdModel,
+    tokens: &Tensor,
+    lens: &[usize],
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let (b, t) = tokens.dims2()?;
+    if !model.ci_reads_other_positions() || lens.iter().all(|&l| l == t) {
+        return forward(model, tokens);
+    }
+    let mut groups: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+    for (row, &len) in lens.iter().enumerate() {
+        groups.entry(len).or_default().push(row as u32);
+    }
+    let pad = |x: Tensor, len: usize| -> Result<Tensor> {
+        if len == t {
+            return Ok(x);
+        }
+        let (g, _, c) = x.dims3()?;
+        let zeros = Tensor::zeros((g, t - len, c), x.dtype(), x.device())?;
+        Tensor::cat(&[&x, &zeros], 1)
+    };
+    let (mut ci_parts, mut prob_parts, mut order) = (vec![], vec![], vec![]);
+    for (len, rows) in groups {
+        let idx = Tensor::new(rows.as_slice(), tokens.device())?;
+        let sub = tokens.index_select(&idx, 0)?.narrow(1, 0, len.max(1))?;
+        let (ci, probs) = forward(model, &sub)?;
+        ci_parts.push(
+            ci.into_iter()
+                .map(|x| pad(x, len.max(1)))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        prob_parts.push(pad(probs, len.max(1))?);
+        order.extend(rows);
+    }
+    // Row `order[k]` of the batch is row `k` of the concatenated groups.
+    let mut inverse = vec![0u32; b];
+    for (k, &row) in order.iter().enumerate() {
+        inverse[row as usize] = k as u32;
+    }
+    let inverse = Tensor::new(inverse.as_slice(), tokens.device())?;
+    let n_modules = model.modules.len();
+    let ci = (0..n_modules)
+        .map(|m| {
+            let parts: Vec<&Tensor> = ci_parts.iter().map(|p| &p[m]).collect();
+            Tensor::cat(&parts, 0)?.index_select(&inverse, 0)
+        })
+        .collect::<Result<_>>()?;
+    let probs = Tensor::cat(&prob_parts, 0)?.index_select(&inverse, 0)?;
+    Ok((ci, probs))
+}
+
 /// The key of every column the index can hold, by key id: `wte:0`, then each module's components in
 /// model order, then `output:v` for the vocabulary. Rows refer to keys by id.
 pub fn key_table(model: &SpdModel) -> Vec<String> {

@@ -741,7 +741,8 @@ impl Pipeline<'_> {
         if !self.cfg.unfused && model.device().is_cuda() && model.global_ci.is_none() {
             return self.compute_fused(model, job, &tokens, floors, mode);
         }
-        let (ci, probs) = extract::forward(model, &tokens)?;
+        let lens: Vec<usize> = job.windows.iter().map(|w| w.tokens.len()).collect();
+        let (ci, probs) = extract::forward_padded(model, &tokens, &lens)?;
         Ok(extract::extract(
             &ci,
             &probs,

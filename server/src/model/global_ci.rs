@@ -364,6 +364,15 @@ impl GlobalCiFn {
         })
     }
 
+    /// Whether the network attends over the sequence (so a position's CI depends on the others).
+    pub fn reads_other_positions(&self) -> bool {
+        match &self.network {
+            Network::SharedMlp(_) => false,
+            Network::SharedTransformer { .. } => true,
+            Network::ReverseResidual { groups, .. } => groups.iter().any(|g| g.attn.is_some()),
+        }
+    }
+
     /// Every module's CI before the sigmoid (`[B, T, C_i]`, model order) from every module's input
     /// (`[B, T, d_in_i]`, model order).
     pub fn pre_sigmoid(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {

@@ -301,6 +301,14 @@ impl SpdModel {
         offsets
     }
 
+    /// Whether a position's CI depends on other positions (a global network with attention), so
+    /// padding a batch would change it.
+    pub fn ci_reads_other_positions(&self) -> bool {
+        self.global_ci
+            .as_ref()
+            .is_some_and(GlobalCiFn::reads_other_positions)
+    }
+
     /// `shared_mlp`, `global_shared_transformer`, …: the CI network kind, for logs and the page.
     pub fn ci_kind(&self) -> &'static str {
         self.config.ci.name()

@@ -63,6 +63,66 @@ impl SyntheticSpec {
         }
     }
 
+    /// The shape of spd's `pile_llama_simple_mlp-4L` decomposition (SPEC §8): LlamaSimpleMLP, 4
+    /// blocks, d 768, 6 heads, vocab 50,277, 512-token context, no biases, C from 128 to 2,560 per
+    /// module. With a layerwise `shared_mlp` CI (hidden [512]) so that it runs on a CPU; see
+    /// [`Self::pile_transformer_ci`] for the global CI network the real run has.
+    pub fn pile_llama_mlp_4l() -> Self {
+        // Per block: q, k, v, o, c_fc, down_proj (model order).
+        let c = [
+            [256, 256, 512, 512, 1536, 1536],
+            [128, 128, 256, 256, 512, 512],
+            [128, 256, 640, 640, 512, 512],
+            [128, 128, 512, 512, 1536, 2560],
+        ];
+        Self {
+            n_layer: 4,
+            n_head: 6,
+            n_embd: 768,
+            vocab_size: 50_277,
+            block_size: 512,
+            c: 512,
+            ci_fn_type: CiFnType::SharedMlp,
+            ci_hidden: vec![512],
+            ci_active_frac: 0.02,
+            seed: 4,
+            family: Family::LlamaSimpleMlp,
+            n_kv_head: Some(6),
+            module_c: Some(c.iter().flatten().copied().collect()),
+            global_ci: None,
+            biases: false,
+            use_delta_component: true,
+        }
+    }
+
+    /// [`Self::pile_llama_mlp_4l`] with the real run's CI network: a global shared transformer,
+    /// d_model 2,048, 8 blocks, 16 heads, MLP [8,192].
+    pub fn pile_transformer_ci() -> Self {
+        use super::config::{AttnConfig, TransformerCiConfig};
+        Self {
+            global_ci: Some(GlobalCiConfig {
+                fn_type: GlobalCiFnType::SharedTransformer,
+                hidden_dims: vec![],
+                transformer: Some(TransformerCiConfig {
+                    d_model: 2048,
+                    n_blocks: 8,
+                    mlp_hidden_dim: vec![8192],
+                    attn_config: AttnConfig {
+                        n_heads: 16,
+                        max_len: 512,
+                        rope_base: 10000.0,
+                    },
+                }),
+                reader_hidden_dims: vec![],
+                d_resid: None,
+                block_groups: vec![],
+                transition_attn: None,
+                transition_hidden_dim: None,
+            }),
+            ..Self::pile_llama_mlp_4l()
+        }
+    }
+
     /// The target's description.
     pub fn target_config(&self) -> TargetConfig {
         if self.family == Family::Gpt2Simple {
