@@ -250,9 +250,16 @@ fn v2_runs_print_ci_and_graphs() {
             .iter()
             .flat_map(|e| [e[0].as_str().unwrap(), e[1].as_str().unwrap()])
             .collect();
-        assert!(layers.contains("wte") && layers.contains("output"), "{name}");
+        assert!(
+            layers.contains("wte") && layers.contains("output"),
+            "{name}"
+        );
         let glu = name == "llama_glu_global";
-        assert_eq!(layers.contains("h.0.mlp.gate_proj"), glu, "{name}: {layers:?}");
+        assert_eq!(
+            layers.contains("h.0.mlp.gate_proj"),
+            glu,
+            "{name}: {layers:?}"
+        );
         assert_eq!(fast["n_backward_passes"], 0, "{name}: fast engine used");
         compare_edges(&fast["edges"], &reference["edges"], 1e-4, name);
     }

@@ -424,3 +424,43 @@ fn a_database_of_another_model_is_refused_with_a_clear_message() {
     assert!(err.contains("was not made for the model"), "{err}");
     assert!(err.contains("2 blocks, the model has 1"), "{err}");
 }
+
+/// A run of today's spd (LlamaSimple, SwiGLU, a global CI network, a C per module) serves graphs
+/// with gate/up nodes, names its family and CI network, and checks component keys against each
+/// module's own C.
+#[tokio::test]
+async fn a_llama_glu_run_with_global_ci_serves_graphs() {
+    use app::api::Explorer;
+    let dir = gs::fixture_dir("v2/llama_glu_global");
+    let run = Run::load(&dir, &candle_core::Device::Cpu).unwrap();
+    let service = Service::new(run, Prompts::read_list(&dir.join("prompts.json")).unwrap());
+    let meta = service.meta().unwrap();
+    assert_eq!(
+        (meta.family.as_str(), meta.ci_kind.as_str(), meta.n_blocks),
+        ("LlamaSimple", "global_shared_mlp", 2)
+    );
+    let graph = service
+        .graph(PromptRef::Stored(1), GraphParams::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(graph.tokens.len(), 11);
+    let layers: std::collections::BTreeSet<&str> = graph
+        .nodes
+        .iter()
+        .map(|n| n.key.rsplitn(3, ':').nth(2).unwrap())
+        .collect();
+    for layer in [
+        "wte",
+        "h.0.mlp.gate_proj",
+        "h.1.mlp.up_proj",
+        "h.1.mlp.down_proj",
+        "output",
+    ] {
+        assert!(layers.contains(layer), "{layer} in {layers:?}");
+    }
+    assert!(!graph.edges.is_empty());
+    // k_proj has C = 6, up_proj C = 14.
+    assert!(service.data().check_component("h.0.attn.k_proj:5").is_ok());
+    assert!(service.data().check_component("h.0.attn.k_proj:6").is_err());
+    assert!(service.data().check_component("h.0.mlp.up_proj:13").is_ok());
+}
