@@ -110,9 +110,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         active: 0.1,
         firing: 0.0,
     };
-    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    // The original tool's runs and spd's v2 runs (`v2/*`) with layerwise CI networks (the fused
+    // kernels' kind; global networks run on candle's ops): a LlamaSimpleMLP one among them.
+    let list = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let mut fixtures: Vec<PathBuf> = list(&args.fixtures)
+        .into_iter()
+        .chain(list(&args.fixtures.join("v2")))
         .filter(|p| p.join("prompts.json").is_file())
+        .filter(|p| {
+            server::model::config::SpdConfig::read(&p.join("final_config.yaml"))
+                .is_ok_and(|c| c.ci.layerwise().is_some())
+        })
         .collect();
     fixtures.sort();
     // Every section reports its own failure and the check goes on: one run on a lent GPU should
