@@ -264,3 +264,78 @@ fn v2_runs_print_ci_and_graphs() {
         compare_edges(&fast["edges"], &reference["edges"], 1e-4, name);
     }
 }
+
+/// `--semantics app` with the app's normalisations: the JSON names both, its edges are the app's
+/// raw graph (CI threshold 0) normalised, and a bare `--normalize` is L1.
+#[test]
+fn app_semantics_and_normalisations_from_the_command_line() {
+    let name = "v2/llama_mlp_layerwise";
+    let exp = expected(name);
+    let p = &exp["prompts"][0];
+    let tokens: Vec<String> = p["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let dir = fixture_dir(name);
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec!["--model", dir.to_str().unwrap(), "--tokens"];
+        let joined = tokens.join(",");
+        args.push(&joined);
+        args.extend_from_slice(extra);
+        let out = attribute(&args);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let app = &[
+        "--semantics",
+        "app",
+        "--ci-threshold",
+        "0",
+        "--output-prob-threshold",
+        "0.01",
+    ];
+    let raw = run(app);
+    assert_eq!(
+        (raw["semantics"].as_str(), raw["normalize"].as_str()),
+        (Some("app"), Some("none"))
+    );
+    // The app's raw graph, names aside: same number of edges (the fixture test compares each).
+    assert_eq!(
+        raw["edges"].as_array().unwrap().len(),
+        p["modes"]["fp32"]["graph"]["out0.01"]["edges"]
+            .as_array()
+            .unwrap()
+            .len()
+    );
+    for norm in ["l2-target", "l2-layer"] {
+        let doc = run(&[app.as_slice(), &["--normalize", norm]].concat());
+        assert_eq!(doc["normalize"], norm);
+        let max = doc["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .fold(0f64, |m, e| m.max(e[6].as_f64().unwrap().abs()));
+        assert!(max <= 1.0 + 1e-9 && max > 0.5, "{norm}: max {max}");
+    }
+    let bare = run(&["--normalize"]);
+    assert_eq!(
+        (bare["normalize"].as_str(), bare["semantics"].as_str()),
+        (Some("l1"), Some("seed"))
+    );
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--semantics",
+        "mine",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected seed or app"));
+}

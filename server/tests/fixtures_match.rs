@@ -160,7 +160,10 @@ fn check_fixture(name: &str, checkpoint: &str) {
                 &ci,
                 &graph,
                 th,
-                false,
+                report::Made {
+                    semantics: server::attribution::Semantics::Seed,
+                    normalize: server::attribution::Normalization::None,
+                },
                 report::Timing {
                     ci_ms: 0.0,
                     graph_ms: 0.0,

@@ -234,3 +234,224 @@ fn transformer_ci_reads_later_tokens() {
     };
     assert_ne!(first(&a), first(&b));
 }
+
+/// The fixture's layer names (spd `dev`'s canonical ones, or module paths) as this tool's.
+fn our_names(exp: &Value) -> impl Fn(&str) -> String + '_ {
+    move |theirs: &str| {
+        if let Some(map) = exp["meta"]["canonical"].as_object()
+            && let Some((path, _)) = map.iter().find(|(_, c)| c.as_str() == Some(theirs))
+        {
+            return match path.as_str() {
+                "lm_head" => "output".into(),
+                p => p.into(),
+            };
+        }
+        match theirs {
+            "embed" => "wte".into(),
+            "lm_head" => "output".into(),
+            t => t.into(),
+        }
+    }
+}
+
+/// A display edge `["layer:pos:c", "layer:pos:c", value, cross]` as a raw edge tuple.
+fn display_as_raw(e: &Value, names: &dyn Fn(&str) -> String) -> Value {
+    let split = |k: &str| {
+        let mut parts = k.rsplitn(3, ':');
+        let c: u64 = parts.next().unwrap().parse().unwrap();
+        let s: u64 = parts.next().unwrap().parse().unwrap();
+        (names(parts.next().unwrap()), s, c)
+    };
+    let (src, s_in, c_in) = split(e[0].as_str().unwrap());
+    let (tgt, s_out, c_out) = split(e[1].as_str().unwrap());
+    json!([src, tgt, c_in, c_out, s_in, s_out, e[2], e[3]])
+}
+
+/// SPD's app semantics by the reference engine against the app's own graphs: the raw graph (edge
+/// set identical, values within 1e-4 of the largest |edge|), the output nodes after the
+/// 15-per-position cap, and the display's L2 normalisations and CI filter.
+fn check_app(name: &str) {
+    use server::attribution::{Normalization, Semantics, normalize, reference_graph_with};
+    let exp = expected(&v2(name));
+    let names = our_names(&exp);
+    let model = SpdModel::load(&fixture_dir(&v2(name)), &Device::Cpu).unwrap();
+    let sources = SourceMap::probe(&model).unwrap();
+    let rename = |edges: &Value| -> Value {
+        json!(
+            edges
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let mut e = e.as_array().unwrap().clone();
+                    e[0] = json!(names(e[0].as_str().unwrap()));
+                    e[1] = json!(names(e[1].as_str().unwrap()));
+                    e
+                })
+                .collect::<Vec<_>>()
+        )
+    };
+    // spd `dev`'s app caps outputs at 15 per position; `main`'s had no cap.
+    let cap = exp["meta"]["constants"]["MAX_OUTPUT_NODES_PER_POS"]
+        .as_u64()
+        .map(|c| c as usize);
+    // The app sorts display edges by |value| (stably) and keeps the first GLOBAL_EDGE_LIMIT.
+    let limit = exp["meta"]["constants"]["GLOBAL_EDGE_LIMIT"]
+        .as_u64()
+        .unwrap_or(50_000) as usize;
+    let mut worst = 0f64;
+    let mut noise_groups = 0;
+    for p in exp["prompts"].as_array().unwrap() {
+        let tokens: Vec<u32> = p["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        let ci = PromptCi::compute(&model, &tokens).unwrap();
+        for (key, g) in p["modes"]["fp32"]["graph"].as_object().unwrap() {
+            let th = Thresholds {
+                ci: 0.0,
+                output_prob: g["output_prob_threshold"].as_f64().unwrap() as f32,
+            };
+            let what = format!("{name} {tokens:?} {key}");
+            let graph =
+                reference_graph_with(&model, &sources, &ci, th, Semantics::App, cap).unwrap();
+            let outputs: Vec<(u64, u64)> = graph.alive[model.modules.len() + 1]
+                .iter()
+                .enumerate()
+                .flat_map(|(s, v)| v.iter().map(move |&t| (s as u64, t as u64)))
+                .collect();
+            let mut theirs: Vec<(u64, u64)> = g["output_nodes"]["alive"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| (x[0].as_u64().unwrap(), x[1].as_u64().unwrap()))
+                .collect();
+            theirs.sort_unstable();
+            assert_eq!(outputs, theirs, "{what}: output nodes");
+            let raw = |edges: &[server::attribution::Edge]| {
+                json!(
+                    edges
+                        .iter()
+                        .map(|e| report::edge_tuple(&model, e))
+                        .collect::<Vec<_>>()
+                )
+            };
+            worst = worst.max(compare_edges(
+                &raw(&graph.edges),
+                &rename(&g["edges"]),
+                EDGE_REL_TOL,
+                &what,
+            ));
+            let scale = graph.edges.iter().fold(0f64, |m, e| m.max(e.value.abs()));
+            for (display, norm) in [
+                ("ci0_none", Normalization::None),
+                ("ci0_target", Normalization::L2Target),
+                ("ci0_layer", Normalization::L2Layer),
+            ] {
+                let Some(theirs) = g["display"][display]["edges"].as_array() else {
+                    continue;
+                };
+                // A group whose norm is float noise (in an RMSNorm model `wte` → block-0 edges are
+                // exactly zero: the norm is scale-invariant) normalises to arbitrary values on
+                // both sides; those groups are left out, every other one must match.
+                let group = |layer: &str, s: u64, c: u64| match norm {
+                    Normalization::L2Layer => (layer.to_owned(), 0, 0),
+                    _ => (layer.to_owned(), s, c),
+                };
+                let mut norms: std::collections::HashMap<(String, u64, u64), f64> =
+                    Default::default();
+                for e in raw(&graph.edges).as_array().unwrap() {
+                    let k = group(
+                        e[1].as_str().unwrap(),
+                        e[5].as_u64().unwrap(),
+                        e[3].as_u64().unwrap(),
+                    );
+                    *norms.entry(k).or_default() += e[6].as_f64().unwrap().powi(2);
+                }
+                let signal = |e: &Value| {
+                    let k = group(
+                        e[1].as_str().unwrap(),
+                        e[5].as_u64().unwrap(),
+                        e[3].as_u64().unwrap(),
+                    );
+                    norm == Normalization::None || norms[&k].sqrt() > 1e-4 * scale
+                };
+                noise_groups += norms.values().filter(|n| n.sqrt() <= 1e-4 * scale).count();
+                let theirs: Vec<Value> = theirs
+                    .iter()
+                    .map(|e| display_as_raw(e, &names))
+                    .filter(|e| signal(e))
+                    .collect();
+                let mut shown = normalize(&graph.edges, norm);
+                shown.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+                shown.truncate(limit);
+                let ours: Vec<Value> = raw(&shown)
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| signal(e))
+                    .cloned()
+                    .collect();
+                // Normalised values are at most 1: an absolute tolerance.
+                let max = ours
+                    .iter()
+                    .fold(0f64, |m, e| m.max(e[6].as_f64().unwrap().abs()));
+                compare_edges(
+                    &json!(ours),
+                    &json!(theirs),
+                    1e-4 / max.max(1e-30),
+                    &format!("{what} {display}"),
+                );
+            }
+            // The display's CI filter: both endpoints' CI > 0.1 (embed and outputs always kept).
+            let kept = |layer: server::attribution::Layer, s: u32, c: u32| match layer {
+                Layer::Module(i) => ci.lower[i][s as usize][c as usize] > 0.1,
+                _ => true,
+            };
+            let mut filtered: Vec<_> = graph
+                .edges
+                .iter()
+                .filter(|e| kept(e.source, e.s_in, e.c_in) && kept(e.target, e.s_out, e.c_out))
+                .copied()
+                .collect();
+            filtered.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+            filtered.truncate(limit);
+            let Some(theirs) = g["display"]["ci0.1_none"]["edges"].as_array() else {
+                continue;
+            };
+            let theirs: Vec<Value> = theirs.iter().map(|e| display_as_raw(e, &names)).collect();
+            compare_edges(
+                &raw(&filtered),
+                &json!(theirs),
+                EDGE_REL_TOL,
+                &format!("{what} ci0.1_none"),
+            );
+        }
+    }
+    eprintln!(
+        "{name}: app semantics, reference engine vs SPD's app: {worst:.2e} of max |edge| \
+         ({noise_groups} normalisation groups at float-noise level left out)"
+    );
+}
+
+#[test]
+fn app_semantics_llama_mlp_layerwise() {
+    check_app("llama_mlp_layerwise");
+}
+
+#[test]
+fn app_semantics_llama_glu_global() {
+    check_app("llama_glu_global");
+}
+
+#[test]
+fn app_semantics_gpt2_transformer_ci() {
+    check_app("gpt2_transformer_ci");
+}
+
+#[test]
+fn app_semantics_gpt2_main_format() {
+    check_app("gpt2_main_format");
+}

@@ -43,6 +43,91 @@ pub struct Graph {
     pub n_backward_passes: usize,
 }
 
+/// How a graph is computed (SPEC §6, "Two graph semantics").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Semantics {
+    /// The seed's tool: one forward with components masked by CI and no weight deltas; alive where
+    /// CI ≥ threshold and masked probability ≥ threshold.
+    #[default]
+    Seed,
+    /// SPD's app: gradients from a forward with every mask 1 plus the weight deltas (whose paths
+    /// are not cut); alive where CI > threshold; outputs where the CI-masked probability >
+    /// threshold, at most the 15 most probable per position.
+    App,
+}
+
+impl Semantics {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::App => "app",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Seed, Self::App].into_iter().find(|x| x.name() == s)
+    }
+
+    /// The cap on output nodes per position the semantics has by default.
+    pub fn default_max_outputs(self) -> Option<usize> {
+        match self {
+            Self::Seed => None,
+            Self::App => Some(15),
+        }
+    }
+}
+
+/// Alive nodes per layer and position under `semantics`: `wte:0` everywhere; components with CI
+/// at or above (seed) or strictly above (app) the threshold; output tokens likewise by masked
+/// probability, the `max_outputs` most probable per position (ties to the lower token id).
+pub fn alive_nodes_with(
+    ci: &PromptCi,
+    masked_probs: &[Vec<f32>],
+    th: Thresholds,
+    semantics: Semantics,
+    max_outputs: Option<usize>,
+) -> Vec<Vec<Vec<u32>>> {
+    if semantics == Semantics::Seed && max_outputs.is_none() {
+        return alive_nodes(ci, masked_probs, th);
+    }
+    let keep = |v: f32, thr: f32| match semantics {
+        Semantics::Seed => v >= thr,
+        Semantics::App => v > thr,
+    };
+    let above = |row: &[f32], thr: f32| -> Vec<u32> {
+        row.iter()
+            .enumerate()
+            .filter(|(_, v)| keep(**v, thr))
+            .map(|(i, _)| i as u32)
+            .collect()
+    };
+    let t = ci.tokens.len();
+    let mut alive = vec![vec![vec![0u32]; t]];
+    for module in &ci.lower {
+        alive.push(module.iter().map(|row| above(row, th.ci)).collect());
+    }
+    alive.push(
+        masked_probs
+            .iter()
+            .map(|row| {
+                let mut out = above(row, th.output_prob);
+                if let Some(k) = max_outputs
+                    && out.len() > k
+                {
+                    out.sort_by(|a, b| {
+                        row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b))
+                    });
+                    out.truncate(k);
+                    out.sort_unstable();
+                }
+                out
+            })
+            .collect(),
+    );
+    alive
+}
+
 /// Alive nodes per layer and position: `wte:0` everywhere, components with CI ≥ threshold, output tokens
 /// with masked probability ≥ threshold.
 pub fn alive_nodes(ci: &PromptCi, masked_probs: &[Vec<f32>], th: Thresholds) -> Vec<Vec<Vec<u32>>> {
@@ -67,23 +152,42 @@ pub fn alive_nodes(ci: &PromptCi, masked_probs: &[Vec<f32>], th: Thresholds) -> 
     alive
 }
 
-/// Computes the graph of one prompt by one backward pass per alive target node.
+/// Computes the graph of one prompt by one backward pass per alive target node (seed semantics).
 pub fn reference_graph(
     model: &SpdModel,
     sources: &SourceMap,
     ci: &PromptCi,
     th: Thresholds,
 ) -> Result<Graph, RunError> {
+    reference_graph_with(model, sources, ci, th, Semantics::Seed, None)
+}
+
+/// [`reference_graph`] under either semantics, with at most `max_outputs` output nodes per
+/// position. For the app's, a CI-masked forward (no deltas) gives the output nodes and the
+/// probabilities shown; the gradients come from a second forward with every mask 1 plus the
+/// weight deltas.
+pub fn reference_graph_with(
+    model: &SpdModel,
+    sources: &SourceMap,
+    ci: &PromptCi,
+    th: Thresholds,
+    semantics: Semantics,
+    max_outputs: Option<usize>,
+) -> Result<Graph, RunError> {
     let tokens = &ci.tokens;
     let t = tokens.len();
     let n = model.modules.len();
-    let fwd = model.leaf_forward(tokens, &ci.lower_tensors)?;
     let host2 = |x: &Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
         x.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()
     };
-    let masked_logits = host2(&fwd.logits.detach())?;
-    let masked_probs = host2(&softmax_last(&fwd.logits.detach())?)?;
-    let alive = alive_nodes(ci, &masked_probs, th);
+    let masked = model.leaf_forward(tokens, &ci.lower_tensors)?;
+    let masked_logits = host2(&masked.logits.detach())?;
+    let masked_probs = host2(&softmax_last(&masked.logits.detach())?)?;
+    let alive = alive_nodes_with(ci, &masked_probs, th, semantics, max_outputs);
+    let fwd = match semantics {
+        Semantics::Seed => masked,
+        Semantics::App => model.leaf_forward_with(tokens, &model.ones_masks(t)?, true)?,
+    };
     // Leaf values on the host, indexed like `alive`.
     let mut leaf_vals = vec![host2(fwd.wte.as_tensor())?];
     for leaf in &fwd.leaves {

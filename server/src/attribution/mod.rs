@@ -11,9 +11,9 @@ pub mod strongest;
 
 pub use active::{ActiveEntry, extract_active};
 pub use fast::{Backend, FastEngine};
-pub use graph::{Edge, Graph, Thresholds, reference_graph};
+pub use graph::{Edge, Graph, Semantics, Thresholds, reference_graph, reference_graph_with};
 pub use layer::Layer;
-pub use normalize::normalize_by_target;
+pub use normalize::{Normalization, normalize, normalize_by_target};
 pub use prompt::PromptCi;
 pub use sources::{Source, SourceMap};
 pub use strongest::{TopK, strongest};

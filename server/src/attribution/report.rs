@@ -4,8 +4,9 @@
 use serde_json::{Map, Value, json};
 
 use super::active::extract_active;
+use super::graph::Semantics;
 use super::graph::{Edge, Graph, Thresholds};
-use super::normalize::normalize_by_target;
+use super::normalize::{Normalization, normalize};
 use super::prompt::PromptCi;
 use super::sources::SourceMap;
 use crate::model::SpdModel;
@@ -46,21 +47,24 @@ pub struct Timing {
     pub graph_ms: f64,
 }
 
-/// The whole report of one prompt. With `normalize`, edges are L1-normalized per target node.
+/// How the graph of a report was made.
+#[derive(Debug, Clone, Copy)]
+pub struct Made {
+    pub semantics: Semantics,
+    pub normalize: Normalization,
+}
+
+/// The whole report of one prompt, its edges normalised as `made` says.
 pub fn report(
     model: &SpdModel,
     sources: &SourceMap,
     ci: &PromptCi,
     graph: &Graph,
     th: Thresholds,
-    normalize: bool,
+    made: Made,
     timing: Timing,
 ) -> Value {
-    let edges = if normalize {
-        normalize_by_target(&graph.edges)
-    } else {
-        graph.edges.clone()
-    };
+    let edges = normalize(&graph.edges, made.normalize);
     let names: Vec<&str> = model.modules.iter().map(|m| m.name.as_str()).collect();
     let mut active = Map::new();
     for (key, entry) in extract_active(&names, &ci.lower, &ci.target_probs, th) {
@@ -76,7 +80,9 @@ pub fn report(
         "sources_by_target": sources_json(model, sources),
         "ci_threshold": th.ci,
         "output_prob_threshold": th.output_prob,
-        "normalized": normalize,
+        "normalized": made.normalize != Normalization::None,
+        "normalize": made.normalize.name(),
+        "semantics": made.semantics.name(),
         "n_backward_passes": graph.n_backward_passes,
         "edges": edges.iter().map(|e| edge_tuple(model, e)).collect::<Vec<_>>(),
         "active": Value::Object(active),

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use server::attribution::report::Made;
 use server::attribution::{
-    FastEngine, PromptCi, SourceMap, Thresholds, reference_graph, report, strongest,
+    FastEngine, Normalization, PromptCi, Semantics, SourceMap, Thresholds, reference_graph_with,
+    report, strongest,
 };
 use server::model::SpdModel;
 
@@ -37,9 +39,19 @@ struct Args {
     /// Output nodes are alive where the CI-masked model's probability >= this.
     #[arg(long, default_value_t = 0.05)]
     output_prob_threshold: f32,
-    /// L1-normalize the incoming edges of every target node.
-    #[arg(long)]
-    normalize: bool,
+    /// Normalise the edges: `none`, `l1` (per target node, the seed's), `l2-target` or `l2-layer`
+    /// (SPD's app: by the L2 norm of a target node's or target layer's incoming edges). A bare
+    /// `--normalize` is `l1`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "l1", value_parser = parse_normalization)]
+    normalize: Option<Normalization>,
+    /// `seed` (components masked by CI, no weight deltas; alive at CI >= threshold) or `app` (SPD's
+    /// app: gradients with every mask 1 plus the weight deltas; alive at CI > threshold; at most 15
+    /// output nodes per position).
+    #[arg(long, default_value = "seed", value_parser = parse_semantics)]
+    semantics: Semantics,
+    /// At most this many output nodes per position, the most probable (app default 15, seed none).
+    #[arg(long, value_name = "N")]
+    max_outputs_per_position: Option<usize>,
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -55,6 +67,15 @@ struct Args {
     /// Write the JSON here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+fn parse_normalization(s: &str) -> Result<Normalization, String> {
+    Normalization::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected none, l1, l2-target or l2-layer"))
+}
+
+fn parse_semantics(s: &str) -> Result<Semantics, String> {
+    Semantics::parse(s).ok_or_else(|| format!("`{s}`: expected seed or app"))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +96,19 @@ fn run(args: Args) -> Result<(), String> {
         output_prob: args.output_prob_threshold,
     };
     let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
+    let max_outputs = args
+        .max_outputs_per_position
+        .or(args.semantics.default_max_outputs());
     let fast = match args.engine {
         Engine::Reference => None,
+        // The fast engine computes the seed's semantics; the app's comes from the reference.
+        Engine::Fast if args.semantics != Semantics::Seed || max_outputs.is_some() => {
+            eprintln!(
+                "note: the fast engine computes --semantics seed without an output cap; using \
+                 the reference engine"
+            );
+            None
+        }
         Engine::Fast => match FastEngine::new(&model, &sources) {
             Ok(engine) => Some(engine),
             Err(why) => {
@@ -97,13 +129,14 @@ fn run(args: Args) -> Result<(), String> {
             let n = g.edges.len();
             (g, n)
         }),
-        (None, top) => reference_graph(&model, &sources, &ci, th).map(|mut g| {
-            let n = g.edges.len();
-            if let Some(k) = top {
-                g.edges = strongest(&g.edges, |_| true, k);
-            }
-            (g, n)
-        }),
+        (None, top) => reference_graph_with(&model, &sources, &ci, th, args.semantics, max_outputs)
+            .map(|mut g| {
+                let n = g.edges.len();
+                if let Some(k) = top {
+                    g.edges = strongest(&g.edges, |_| true, k);
+                }
+                (g, n)
+            }),
     }
     .map_err(|e| e.to_string())?;
     let graph_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -113,7 +146,10 @@ fn run(args: Args) -> Result<(), String> {
         &ci,
         &graph,
         th,
-        args.normalize,
+        Made {
+            semantics: args.semantics,
+            normalize: args.normalize.unwrap_or_default(),
+        },
         report::Timing { ci_ms, graph_ms },
     );
     if let (Some(k), Some(map)) = (args.top, doc.as_object_mut()) {

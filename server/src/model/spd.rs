@@ -409,8 +409,21 @@ impl SpdModel {
     /// every decomposed module computes `a = x V`, and the rest of the model reads a fresh leaf `a'`.
     /// No weight deltas (the seed's semantics).
     pub fn leaf_forward(&self, tokens: &[u32], masks: &[Tensor]) -> Result<LeafForward> {
+        self.leaf_forward_with(tokens, masks, false)
+    }
+
+    /// [`Self::leaf_forward`], with `with_delta` adding every module's weight delta `x Δᵀ` from its
+    /// *connected* input: the component acts are still cut, but gradient flows on through the
+    /// deltas (SPD's app's gradient forward, with all-ones masks).
+    pub fn leaf_forward_with(
+        &self,
+        tokens: &[u32],
+        masks: &[Tensor],
+        with_delta: bool,
+    ) -> Result<LeafForward> {
         struct Leaves<'a> {
             model: &'a SpdModel,
+            with_delta: bool,
             masks: &'a [Tensor],
             wte: Option<Var>,
             leaves: Vec<Option<Var>>,
@@ -430,7 +443,12 @@ impl SpdModel {
                 let comps = &self.model.modules[i].components;
                 let acts = comps.inner_acts(x)?;
                 let leaf = Var::from_tensor(&acts.detach())?;
-                let out = comps.masked_output(leaf.as_tensor(), &self.masks[i])?;
+                let mut out = comps.masked_output(leaf.as_tensor(), &self.masks[i])?;
+                if self.with_delta
+                    && let Some(d) = comps.delta_output(x)?
+                {
+                    out = (out + d)?;
+                }
                 self.leaves[i] = Some(leaf);
                 self.acts[i] = Some(acts);
                 Ok(out)
@@ -439,6 +457,7 @@ impl SpdModel {
         let n = self.modules.len();
         let mut hook = Leaves {
             model: self,
+            with_delta,
             masks,
             wte: None,
             leaves: vec![None; n],
