@@ -3,7 +3,7 @@
 
 use crate::canvas::layout::LayoutMode;
 use crate::canvas::view::Viewport;
-use crate::types::{GraphParams, PromptRef};
+use crate::types::{GraphParams, Normalize, PromptRef, Semantics};
 
 /// Edges drawn by default (the strongest by |value|).
 pub const DEFAULT_TOP_K: usize = 2_000;
@@ -71,7 +71,10 @@ impl ViewState {
             parts.push(("out", p.output_prob_threshold.to_string()));
         }
         if p.normalize != d.params.normalize {
-            parts.push(("norm", if p.normalize { "1" } else { "0" }.into()));
+            parts.push(("norm", p.normalize.name().into()));
+        }
+        if p.semantics != d.params.semantics {
+            parts.push(("sem", p.semantics.name().into()));
         }
         if p.max_mean_ci != d.params.max_mean_ci {
             parts.push(("mmci", p.max_mean_ci.to_string()));
@@ -118,7 +121,12 @@ impl ViewState {
                     s.params.output_prob_threshold =
                         v.parse().unwrap_or(s.params.output_prob_threshold)
                 }
-                "norm" => s.params.normalize = v != "0",
+                "norm" => {
+                    s.params.normalize = Normalize::from_name(&v).unwrap_or(s.params.normalize)
+                }
+                "sem" => {
+                    s.params.semantics = Semantics::from_name(&v).unwrap_or(s.params.semantics)
+                }
                 "mmci" => s.params.max_mean_ci = v.parse().unwrap_or(s.params.max_mean_ci),
                 "layout" => s.layout = LayoutMode::from_name(&v).unwrap_or(s.layout),
                 "view" => {
@@ -193,7 +201,8 @@ mod tests {
             params: GraphParams {
                 ci_threshold: 0.25,
                 output_prob_threshold: 0.1,
-                normalize: false,
+                normalize: Normalize::L2Layer,
+                semantics: Semantics::App,
                 max_mean_ci: 0.5,
             },
             layout: LayoutMode::Importance,

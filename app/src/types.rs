@@ -33,6 +33,71 @@ pub struct OutputNode {
     pub prob: f32,
 }
 
+/// How a graph is computed: the seed tool's semantics (components masked by CI, no weight deltas)
+/// or SPD's app's (gradients with every mask 1 plus the weight deltas; at most 15 output nodes per
+/// position; alive where CI > threshold).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Semantics {
+    #[default]
+    Seed,
+    App,
+}
+
+impl Semantics {
+    pub const ALL: [Semantics; 2] = [Semantics::Seed, Semantics::App];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::App => "app",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// How each target's incoming edges are scaled: not at all, by their L1 sum per target node (the
+/// seed's), or by their L2 norm per target node or per target layer (SPD's app).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Normalize {
+    None,
+    #[default]
+    L1,
+    L2Target,
+    L2Layer,
+}
+
+impl Normalize {
+    pub const ALL: [Normalize; 4] = [
+        Normalize::None,
+        Normalize::L1,
+        Normalize::L2Target,
+        Normalize::L2Layer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::L1 => "l1",
+            Self::L2Target => "l2-target",
+            Self::L2Layer => "l2-layer",
+        }
+    }
+
+    /// A name, or the original tool's booleans (`true`/`1` is L1).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "true" | "1" => Some(Self::L1),
+            "false" | "0" => Some(Self::None),
+            _ => Self::ALL.into_iter().find(|x| x.name() == s),
+        }
+    }
+}
+
 /// What a graph is computed with. Defaults are the original server's.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GraphParams {
@@ -40,8 +105,10 @@ pub struct GraphParams {
     pub ci_threshold: f32,
     /// Output tokens with probability at or above this are nodes.
     pub output_prob_threshold: f32,
-    /// Divide each node's incoming edges by the sum of their |value|.
-    pub normalize: bool,
+    /// How each target's incoming edges are scaled.
+    pub normalize: Normalize,
+    /// The seed's semantics or SPD's app's.
+    pub semantics: Semantics,
     /// Drop components whose mean CI over the database is above this (1 keeps all).
     pub max_mean_ci: f32,
 }
@@ -51,7 +118,8 @@ impl Default for GraphParams {
         GraphParams {
             ci_threshold: 0.1,
             output_prob_threshold: 0.05,
-            normalize: true,
+            normalize: Normalize::L1,
+            semantics: Semantics::Seed,
             max_mean_ci: 1.0,
         }
     }

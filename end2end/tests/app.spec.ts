@@ -144,7 +144,7 @@ test('reloading the URL restores the view', async ({ page }) => {
   await expect(page.locator('.status')).toContainText('Prompt 2:');
   await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^([0-9]|1[0-9]|2[0-5])$/);
   await expect(page.locator('#layout')).toHaveValue('importance');
-  await expect(page.locator('#normalize')).not.toBeChecked();
+  await expect(page.locator('#normalize')).toHaveValue('none');
   await expect(page.locator(`.pin[data-key="${component}"]`)).toBeVisible();
   await expect(page).toHaveURL(/prompt=2/);
 });
@@ -207,4 +207,40 @@ test('the graph exports as JSON and PNG', async ({ page }) => {
   expect(png.suggestedFilename()).toBe('graph.png');
   const bytes = Buffer.concat(await (await png.createReadStream()).toArray());
   expect(bytes.subarray(1, 4).toString()).toBe('PNG');
+});
+
+async function exported(page: Page): Promise<any> {
+  const [json] = await Promise.all([page.waitForEvent('download'), page.locator('#export-json').click()]);
+  return JSON.parse(await (await json.createReadStream()).toArray().then((c) => Buffer.concat(c).toString()));
+}
+
+test("SPD's app semantics with L2 per target: values change, the status says so, reload keeps it", async ({ page }, testInfo) => {
+  const errors = watchErrors(page);
+  await ready(page, '/?prompt=2');
+  await expect(page.locator('.status')).toContainText('seed semantics, l1 normalized');
+  const seed = await exported(page);
+  await page.locator('#semantics').selectOption('app');
+  await page.locator('#normalize').selectOption('l2-target');
+  await expect(page.locator('.status')).toContainText('app semantics, l2-target normalized', { timeout: 60_000 });
+  await expect(page).toHaveURL(/sem=app/);
+  await expect(page).toHaveURL(/norm=l2-target/);
+  const app = await exported(page);
+  expect(app.params.semantics).toBe('app');
+  // Each target's incoming edges have unit L2 norm (the page gets the whole graph here).
+  const norms = new Map<string, number>();
+  for (const e of app.edges) norms.set(e.tgt, (norms.get(e.tgt) ?? 0) + e.val * e.val);
+  expect([...norms.values()].every((n) => Math.abs(n - 1) < 1e-3)).toBe(true);
+  const seedVals = new Map<string, number>(seed.edges.map((e: any) => [`${e.src}>${e.tgt}`, e.val]));
+  const changed = app.edges.filter((e: any) => {
+    const v = seedVals.get(`${e.src}>${e.tgt}`);
+    return v !== undefined && Math.abs(v - e.val) > 1e-3;
+  });
+  expect(changed.length).toBeGreaterThan(0);
+  await page.screenshot({ path: testInfo.outputPath('app-semantics.png'), fullPage: true });
+  await page.reload();
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  await expect(page.locator('#semantics')).toHaveValue('app');
+  await expect(page.locator('#normalize')).toHaveValue('l2-target');
+  await expect(page.locator('.status')).toContainText('app semantics, l2-target normalized', { timeout: 60_000 });
+  expect(errors).toEqual([]);
 });

@@ -216,6 +216,11 @@ async fn every_bad_input_is_a_4xx_with_a_json_error() {
             "normalize",
         ),
         (
+            "/api/prompt/1?semantics=mine",
+            StatusCode::BAD_REQUEST,
+            "semantics must be seed or app",
+        ),
+        (
             "/api/search?components=",
             StatusCode::BAD_REQUEST,
             "No components",
@@ -463,4 +468,45 @@ async fn a_llama_glu_run_with_global_ci_serves_graphs() {
     assert!(service.data().check_component("h.0.attn.k_proj:5").is_ok());
     assert!(service.data().check_component("h.0.attn.k_proj:6").is_err());
     assert!(service.data().check_component("h.0.mlp.up_proj:13").is_ok());
+}
+
+/// The original API with SPD's app's semantics and an L2 normalisation: every target's incoming
+/// edges have unit norm, and the values differ from the seed's.
+#[tokio::test]
+async fn the_http_api_serves_app_semantics() {
+    let (status, app) =
+        get("/api/prompt/1?ci_threshold=0.1&semantics=app&normalize=l2-target").await;
+    assert_eq!(status, StatusCode::OK, "{app}");
+    assert_eq!(
+        (app["semantics"].as_str(), app["normalize"].as_str()),
+        (Some("app"), Some("l2-target"))
+    );
+    let (_, seed) = get("/api/prompt/1?ci_threshold=0.1").await;
+    let edges = |v: &Value| -> std::collections::HashMap<(String, String), f64> {
+        v["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    (
+                        e["src"].as_str().unwrap().to_owned(),
+                        e["tgt"].as_str().unwrap().to_owned(),
+                    ),
+                    e["val"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, s) = (edges(&app), edges(&seed));
+    assert!(!a.is_empty());
+    let mut norms: std::collections::HashMap<&str, f64> = Default::default();
+    for ((_, tgt), v) in &a {
+        *norms.entry(tgt).or_default() += v * v;
+    }
+    assert!(norms.values().all(|n| (n - 1.0).abs() < 1e-3), "{norms:?}");
+    assert!(
+        a.iter()
+            .any(|(k, v)| s.get(k).is_some_and(|w| (v - w).abs() > 1e-3))
+    );
 }

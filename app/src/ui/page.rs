@@ -385,11 +385,17 @@ fn StatusLine() -> AnyView {
                 } else {
                     String::new()
                 };
+                let normalized = match g.params.normalize {
+                    crate::types::Normalize::None => String::new(),
+                    n => format!(", {} normalized", n.name()),
+                };
                 format!(
-                    "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped}",
+                    "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped} · {} \
+                     semantics{normalized}",
                     g.tokens.len(),
                     g.nodes.len(),
                     g.edges.len(),
+                    g.params.semantics.name(),
                 )
             })
         })

@@ -5,7 +5,7 @@ use leptos::prelude::*;
 use super::page::{Ctx, server_message};
 use crate::api::list_prompts;
 use crate::canvas::layout::LayoutMode;
-use crate::types::{PromptRef, PromptSummary};
+use crate::types::{Normalize, PromptRef, PromptSummary, Semantics};
 
 const PAGE: usize = 50;
 
@@ -163,14 +163,40 @@ fn Controls() -> AnyView {
             {number("ci-threshold", "CI threshold", "0.01", |s| f64::from(s.params.ci_threshold), |s, x| s.params.ci_threshold = x as f32, |x| x >= 0.0)}
             {number("out-threshold", "Output prob. threshold", "0.01", |s| f64::from(s.params.output_prob_threshold), |s, x| s.params.output_prob_threshold = x as f32, |x| (0.0..=1.0).contains(&x))}
             {number("max-mean-ci", "Max mean CI", "0.05", |s| f64::from(s.params.max_mean_ci), |s, x| s.params.max_mean_ci = x as f32, |x| (0.0..=1.0).contains(&x))}
-            <label class="control check">
-                <input
-                    id="normalize"
-                    type="checkbox"
-                    prop:checked=move || v.with(|s| s.params.normalize)
-                    on:change=move |ev| v.update(|s| s.params.normalize = event_target_checked(&ev))
-                />
+            <label class="control">
+                <span>"Semantics"</span>
+                <select
+                    id="semantics"
+                    title="seed: components masked by CI, no weight deltas; app: SPD's app (all-ones masks plus weight deltas, at most 15 outputs per position)"
+                    prop:value=move || v.with(|s| s.params.semantics.name())
+                    on:change=move |ev| {
+                        if let Some(m) = Semantics::from_name(&event_target_value(&ev)) {
+                            v.update(|s| s.params.semantics = m);
+                        }
+                    }
+                >
+                    {Semantics::ALL
+                        .into_iter()
+                        .map(|m| view! { <option value=m.name()>{m.name()}</option> })
+                        .collect_view()}
+                </select>
+            </label>
+            <label class="control">
                 <span>"Normalize incoming edges"</span>
+                <select
+                    id="normalize"
+                    prop:value=move || v.with(|s| s.params.normalize.name())
+                    on:change=move |ev| {
+                        if let Some(m) = Normalize::from_name(&event_target_value(&ev)) {
+                            v.update(|s| s.params.normalize = m);
+                        }
+                    }
+                >
+                    {Normalize::ALL
+                        .into_iter()
+                        .map(|m| view! { <option value=m.name()>{m.name()}</option> })
+                        .collect_view()}
+                </select>
             </label>
             <label class="control">
                 <span>"Layout"</span>

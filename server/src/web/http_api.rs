@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use app::api::{ApiError, Explorer};
-use app::types::{GraphParams, PromptRef};
+use app::types::{GraphParams, Normalize, PromptRef, Semantics};
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -180,24 +180,25 @@ fn number<T: std::str::FromStr>(
         .transpose()
 }
 
-fn boolean(q: &HashMap<String, String>, name: &str) -> Result<Option<bool>, ApiError> {
-    q.get(name)
-        .map(|v| match v.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(ApiError::bad_request(format!(
-                "{name} must be true or false, got {v:?}"
-            ))),
-        })
-        .transpose()
-}
-
 /// The original server's defaults: every component above 1e-6 and outputs above 1%.
 fn graph_params(q: &HashMap<String, String>) -> Result<GraphParams, ApiError> {
     let params = GraphParams {
         ci_threshold: number(q, "ci_threshold")?.unwrap_or(1e-6),
         output_prob_threshold: number(q, "output_prob_threshold")?.unwrap_or(0.01),
-        normalize: boolean(q, "normalize")?.unwrap_or(true),
+        normalize: match q.get("normalize") {
+            None => Normalize::L1,
+            Some(v) => Normalize::from_name(&v.to_ascii_lowercase()).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "normalize must be true, false, none, l1, l2-target or l2-layer, got {v:?}"
+                ))
+            })?,
+        },
+        semantics: match q.get("semantics") {
+            None => Semantics::Seed,
+            Some(v) => Semantics::from_name(v).ok_or_else(|| {
+                ApiError::bad_request(format!("semantics must be seed or app, got {v:?}"))
+            })?,
+        },
         max_mean_ci: number(q, "max_mean_ci")?.unwrap_or(1.0),
     };
     params.check().map_err(ApiError::bad_request)?;
@@ -231,6 +232,8 @@ async fn prompt(State(s): State<Service>, Path(id): Path<String>, Query(q): Para
         "outputProbs": output_probs,
         "total_edges": graph.total_edges,
         "edge_cap": graph.edge_cap,
+        "semantics": graph.params.semantics.name(),
+        "normalize": graph.params.normalize.name(),
     })))
 }
 

@@ -8,8 +8,8 @@ use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
 use candle_core::Device;
 
 use crate::attribution::{
-    Backend, Edge, FastEngine, Graph, Layer, PromptCi, SourceMap, Thresholds, normalize_by_target,
-    reference_graph, strongest,
+    Backend, Edge, FastEngine, Graph, Layer, Normalization, PromptCi, Semantics, SourceMap,
+    Thresholds, normalize, reference_graph_with, strongest,
 };
 use crate::model::SpdModel;
 
@@ -56,7 +56,7 @@ impl Run {
         backend: Option<Backend>,
     ) -> Result<Self, String> {
         let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
-        let backend = backend.unwrap_or_else(|| Backend::for_device(model.device()));
+        let backend = backend.unwrap_or_else(|| Backend::for_model(&model));
         let fast = match FastEngine::with_backend(&model, &sources, backend) {
             Ok(f) => {
                 tracing::info!("graphs: fast engine, {:?} backend", f.backend());
@@ -150,14 +150,27 @@ impl Run {
         let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
         let hidden = Hidden::new(&self.model, params, mean_ci);
         let keep = |e: &Edge| !hidden.hides(e.source, e.c_in) && !hidden.hides(e.target, e.c_out);
-        let (graph, total) = match &self.fast {
-            Some(f) => f
+        let semantics = semantics_of(params);
+        let (graph, total) = match (&self.fast, semantics) {
+            (Some(f), Semantics::Seed) => f
                 .strongest_graph(&self.model, &ci, th, MAX_EDGES, &keep, progress)
                 .map_err(internal)?,
-            None => {
-                let mut g =
-                    reference_graph(&self.model, &self.sources, &ci, th).map_err(internal)?;
+            // SPD's app's semantics come from the reference engine (its deltas are multi-hop);
+            // as the app, the whole graph is normalised before the strongest edges are kept.
+            (_, semantics) => {
+                let mut g = reference_graph_with(
+                    &self.model,
+                    &self.sources,
+                    &ci,
+                    th,
+                    semantics,
+                    semantics.default_max_outputs(),
+                )
+                .map_err(internal)?;
                 let total = g.edges.len();
+                if semantics == Semantics::App {
+                    g.edges = normalize(&g.edges, normalization_of(params));
+                }
                 g.edges = strongest(&g.edges, keep, MAX_EDGES);
                 (g, total)
             }
@@ -174,6 +187,24 @@ impl Run {
             &hidden,
             &|id| self.token_string(id),
         ))
+    }
+}
+
+/// The engine's name for the wire's semantics.
+pub fn semantics_of(params: GraphParams) -> Semantics {
+    match params.semantics {
+        app::types::Semantics::Seed => Semantics::Seed,
+        app::types::Semantics::App => Semantics::App,
+    }
+}
+
+/// The engine's name for the wire's normalisation.
+pub fn normalization_of(params: GraphParams) -> Normalization {
+    match params.normalize {
+        app::types::Normalize::None => Normalization::None,
+        app::types::Normalize::L1 => Normalization::L1,
+        app::types::Normalize::L2Target => Normalization::L2Target,
+        app::types::Normalize::L2Layer => Normalization::L2Layer,
     }
 }
 
@@ -265,9 +296,10 @@ pub fn to_wire(
             }
         }
     }
+    // The seed's server normalises the edges it sends; the app's graphs come normalised.
     let normalized;
-    let kept = if params.normalize {
-        normalized = normalize_by_target(&graph.edges);
+    let kept = if semantics_of(params) == Semantics::Seed {
+        normalized = normalize(&graph.edges, normalization_of(params));
         &normalized
     } else {
         &graph.edges
@@ -346,7 +378,7 @@ mod tests {
     fn wire_graph_is_capped_sorted_and_consistent() {
         let run = Run::load(&fixture(), &Device::Cpu).unwrap();
         let params = GraphParams {
-            normalize: false,
+            normalize: app::types::Normalize::None,
             ..GraphParams::default()
         };
         let g = run
@@ -382,6 +414,45 @@ mod tests {
         for (tgt, s) in sums {
             assert!((s - 1.0).abs() < 1e-4 || s == 0.0, "{tgt}: {s}");
         }
+    }
+
+    /// The app's semantics on the wire: L2 per target (each target's incoming edges have unit
+    /// norm), the reference engine's edges, and other values than the seed's.
+    #[test]
+    fn app_semantics_with_l2_per_target() {
+        use app::types::{Normalize, Semantics};
+        let run = Run::load(&fixture(), &Device::Cpu).unwrap();
+        let app = GraphParams {
+            semantics: Semantics::App,
+            normalize: Normalize::L2Target,
+            ..GraphParams::default()
+        };
+        let g = graph0(&run, app).unwrap();
+        assert_eq!(g.params.semantics, Semantics::App);
+        assert!(g.total_edges <= MAX_EDGES, "the whole graph is on the wire");
+        let mut sums: std::collections::HashMap<&str, f64> = Default::default();
+        for e in &g.edges {
+            *sums.entry(e.tgt.as_str()).or_default() += f64::from(e.val).powi(2);
+        }
+        for (tgt, s) in &sums {
+            assert!((s - 1.0).abs() < 1e-4, "{tgt}: {s}");
+        }
+        let seed = graph0(&run, GraphParams::default()).unwrap();
+        let seed_vals: std::collections::HashMap<(&str, &str), f32> = seed
+            .edges
+            .iter()
+            .map(|e| ((e.src.as_str(), e.tgt.as_str()), e.val))
+            .collect();
+        let differ = g
+            .edges
+            .iter()
+            .filter(|e| {
+                seed_vals
+                    .get(&(e.src.as_str(), e.tgt.as_str()))
+                    .is_some_and(|v| (v - e.val).abs() > 1e-3)
+            })
+            .count();
+        assert!(differ > 0, "app and seed semantics give the same values");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use app::api::{ApiError, Explorer, GraphFuture};
 use app::types::{
-    ComponentInfo, ComponentMatch, ContextSnippet, GraphData, GraphParams, Meta, PromptPage,
-    PromptRef, PromptSummary, SearchHit, SearchResults,
+    ComponentInfo, ComponentMatch, ContextSnippet, GraphData, GraphParams, Meta, Normalize,
+    PromptPage, PromptRef, PromptSummary, SearchHit, SearchResults, Semantics,
 };
 use rusqlite::Connection;
 
@@ -58,7 +58,8 @@ pub struct GraphKey {
     prompt: PromptRef,
     /// `GraphParams` with floats as bits, so equal requests hash equally.
     params: [u32; 3],
-    normalize: bool,
+    normalize: Normalize,
+    semantics: Semantics,
 }
 
 impl GraphKey {
@@ -71,6 +72,7 @@ impl GraphKey {
                 p.max_mean_ci.to_bits(),
             ],
             normalize: p.normalize,
+            semantics: p.semantics,
         }
     }
 
@@ -80,6 +82,7 @@ impl GraphKey {
             output_prob_threshold: f32::from_bits(self.params[1]),
             max_mean_ci: f32::from_bits(self.params[2]),
             normalize: self.normalize,
+            semantics: self.semantics,
         }
     }
 }
