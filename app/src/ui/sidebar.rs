@@ -125,6 +125,39 @@ fn CustomPrompt() -> AnyView {
     .into_any()
 }
 
+/// A select bound to one field of the view, with an option per value of `all`.
+#[allow(clippy::too_many_arguments)]
+fn choice<T: Copy + Send + Sync + 'static>(
+    id: &'static str,
+    label: &'static str,
+    all: &'static [T],
+    name: fn(T) -> &'static str,
+    from_name: fn(&str) -> Option<T>,
+    get: fn(&crate::state::ViewState) -> T,
+    set: fn(&mut crate::state::ViewState, T),
+) -> impl IntoView {
+    let v = expect_context::<Ctx>().view;
+    view! {
+        <label class="control">
+            <span>{label}</span>
+            <select
+                id=id
+                prop:value=move || name(v.with(get))
+                on:change=move |ev| {
+                    if let Some(x) = from_name(&event_target_value(&ev)) {
+                        v.update(|s| set(s, x));
+                    }
+                }
+            >
+                {all
+                    .iter()
+                    .map(|&x| view! { <option value=name(x)>{name(x)}</option> })
+                    .collect_view()}
+            </select>
+        </label>
+    }
+}
+
 #[component]
 fn Controls() -> AnyView {
     let ctx = expect_context::<Ctx>();
@@ -163,58 +196,9 @@ fn Controls() -> AnyView {
             {number("ci-threshold", "CI threshold", "0.01", |s| f64::from(s.params.ci_threshold), |s, x| s.params.ci_threshold = x as f32, |x| x >= 0.0)}
             {number("out-threshold", "Output prob. threshold", "0.01", |s| f64::from(s.params.output_prob_threshold), |s, x| s.params.output_prob_threshold = x as f32, |x| (0.0..=1.0).contains(&x))}
             {number("max-mean-ci", "Max mean CI", "0.05", |s| f64::from(s.params.max_mean_ci), |s, x| s.params.max_mean_ci = x as f32, |x| (0.0..=1.0).contains(&x))}
-            <label class="control">
-                <span>"Semantics"</span>
-                <select
-                    id="semantics"
-                    title="seed: components masked by CI, no weight deltas; app: SPD's app (all-ones masks plus weight deltas, at most 15 outputs per position)"
-                    prop:value=move || v.with(|s| s.params.semantics.name())
-                    on:change=move |ev| {
-                        if let Some(m) = Semantics::from_name(&event_target_value(&ev)) {
-                            v.update(|s| s.params.semantics = m);
-                        }
-                    }
-                >
-                    {Semantics::ALL
-                        .into_iter()
-                        .map(|m| view! { <option value=m.name()>{m.name()}</option> })
-                        .collect_view()}
-                </select>
-            </label>
-            <label class="control">
-                <span>"Normalize incoming edges"</span>
-                <select
-                    id="normalize"
-                    prop:value=move || v.with(|s| s.params.normalize.name())
-                    on:change=move |ev| {
-                        if let Some(m) = Normalize::from_name(&event_target_value(&ev)) {
-                            v.update(|s| s.params.normalize = m);
-                        }
-                    }
-                >
-                    {Normalize::ALL
-                        .into_iter()
-                        .map(|m| view! { <option value=m.name()>{m.name()}</option> })
-                        .collect_view()}
-                </select>
-            </label>
-            <label class="control">
-                <span>"Layout"</span>
-                <select
-                    id="layout"
-                    prop:value=move || v.with(|s| s.layout.name())
-                    on:change=move |ev| {
-                        if let Some(m) = LayoutMode::from_name(&event_target_value(&ev)) {
-                            v.update(|s| s.layout = m);
-                        }
-                    }
-                >
-                    {LayoutMode::ALL
-                        .into_iter()
-                        .map(|m| view! { <option value=m.name()>{m.name()}</option> })
-                        .collect_view()}
-                </select>
-            </label>
+            {choice("semantics", "Semantics", &Semantics::ALL, Semantics::name, Semantics::from_name, |s| s.params.semantics, |s, x| s.params.semantics = x)}
+            {choice("normalize", "Normalize incoming edges", &Normalize::ALL, Normalize::name, Normalize::from_name, |s| s.params.normalize, |s, x| s.params.normalize = x)}
+            {choice("layout", "Layout", &LayoutMode::ALL, LayoutMode::name, LayoutMode::from_name, |s| s.layout, |s, x| s.layout = x)}
             <div class="buttons">
                 <button id="fit" on:click=move |_| v.update(|s| s.set_viewport(Default::default()))>"Fit (f)"</button>
                 <button id="export-json" on:click=move |_| export_json(ctx)>"Export JSON"</button>

@@ -43,38 +43,15 @@ pub struct Graph {
     pub n_backward_passes: usize,
 }
 
-/// How a graph is computed (SPEC §6, "Two graph semantics").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Semantics {
-    /// The seed's tool: one forward with components masked by CI and no weight deltas; alive where
-    /// CI ≥ threshold and masked probability ≥ threshold.
-    #[default]
-    Seed,
-    /// SPD's app: gradients from a forward with every mask 1 plus the weight deltas (whose paths
-    /// are not cut); alive where CI > threshold; outputs where the CI-masked probability >
-    /// threshold, at most the 15 most probable per position.
-    App,
-}
+/// How a graph is computed (SPEC §6, "Two graph semantics"): the wire's type, so the page, the
+/// HTTP API, `attribute` and the engines share one set of names.
+pub use app::types::Semantics;
 
-impl Semantics {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Seed => "seed",
-            Self::App => "app",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Seed, Self::App].into_iter().find(|x| x.name() == s)
-    }
-
-    /// The cap on output nodes per position the semantics has by default.
-    pub fn default_max_outputs(self) -> Option<usize> {
-        match self {
-            Self::Seed => None,
-            Self::App => Some(15),
-        }
+/// The cap on output nodes per position a semantics has by default: the app's 15, the seed none.
+pub fn default_max_outputs(semantics: Semantics) -> Option<usize> {
+    match semantics {
+        Semantics::Seed => None,
+        Semantics::App => Some(15),
     }
 }
 
@@ -88,9 +65,6 @@ pub fn alive_nodes_with(
     semantics: Semantics,
     max_outputs: Option<usize>,
 ) -> Vec<Vec<Vec<u32>>> {
-    if semantics == Semantics::Seed && max_outputs.is_none() {
-        return alive_nodes(ci, masked_probs, th);
-    }
     let keep = |v: f32, thr: f32| match semantics {
         Semantics::Seed => v >= thr,
         Semantics::App => v > thr,
@@ -128,28 +102,10 @@ pub fn alive_nodes_with(
     alive
 }
 
-/// Alive nodes per layer and position: `wte:0` everywhere, components with CI ≥ threshold, output tokens
-/// with masked probability ≥ threshold.
+/// Alive nodes of the seed's semantics: `wte:0` everywhere, components with CI ≥ threshold, output
+/// tokens with masked probability ≥ threshold.
 pub fn alive_nodes(ci: &PromptCi, masked_probs: &[Vec<f32>], th: Thresholds) -> Vec<Vec<Vec<u32>>> {
-    let t = ci.tokens.len();
-    let above = |row: &[f32], thr: f32| -> Vec<u32> {
-        row.iter()
-            .enumerate()
-            .filter(|(_, v)| **v >= thr)
-            .map(|(i, _)| i as u32)
-            .collect()
-    };
-    let mut alive = vec![vec![vec![0u32]; t]];
-    for module in &ci.lower {
-        alive.push(module.iter().map(|row| above(row, th.ci)).collect());
-    }
-    alive.push(
-        masked_probs
-            .iter()
-            .map(|row| above(row, th.output_prob))
-            .collect(),
-    );
-    alive
+    alive_nodes_with(ci, masked_probs, th, Semantics::Seed, None)
 }
 
 /// Computes the graph of one prompt by one backward pass per alive target node (seed semantics).

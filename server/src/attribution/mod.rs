@@ -11,7 +11,9 @@ pub mod strongest;
 
 pub use active::{ActiveEntry, extract_active};
 pub use fast::{Backend, FastEngine};
-pub use graph::{Edge, Graph, Semantics, Thresholds, reference_graph, reference_graph_with};
+pub use graph::{
+    Edge, Graph, Semantics, Thresholds, default_max_outputs, reference_graph, reference_graph_with,
+};
 pub use layer::Layer;
 pub use normalize::{Normalization, normalize, normalize_by_target};
 pub use prompt::PromptCi;

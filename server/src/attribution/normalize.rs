@@ -22,34 +22,9 @@ pub fn normalize_by_target(edges: &[Edge]) -> Vec<Edge> {
         .collect()
 }
 
-/// How a graph's edges are normalised: not at all, L1 per target node (the seed's), or L2 per
-/// target node / per target layer (SPD's app).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Normalization {
-    #[default]
-    None,
-    L1,
-    L2Target,
-    L2Layer,
-}
-
-impl Normalization {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::L1 => "l1",
-            Self::L2Target => "l2-target",
-            Self::L2Layer => "l2-layer",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::None, Self::L1, Self::L2Target, Self::L2Layer]
-            .into_iter()
-            .find(|n| n.name() == s)
-    }
-}
+/// How a graph's edges are normalised (the wire's type): not at all, L1 per target node (the
+/// seed's), or L2 per target node / per target layer (SPD's app).
+pub use app::types::Normalize as Normalization;
 
 /// `edges` normalised as `kind` says. L1 keeps every edge (a zero group keeps its zeros); L2, as
 /// SPD's app, divides by `√Σ value²` of the group in float64 and drops groups whose norm is 0.
@@ -125,7 +100,7 @@ mod tests {
         assert_eq!(l1, vec![3.0 / 7.0, -4.0 / 7.0, 1.0, 0.0]);
         assert_eq!(normalize(&edges, Normalization::None), edges.to_vec());
         for n in ["none", "l1", "l2-target", "l2-layer"] {
-            assert_eq!(Normalization::parse(n).unwrap().name(), n);
+            assert_eq!(Normalization::from_name(n).unwrap().name(), n);
         }
     }
 }

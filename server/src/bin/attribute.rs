@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::Parser;
 use server::attribution::report::Made;
 use server::attribution::{
-    FastEngine, Normalization, PromptCi, Semantics, SourceMap, Thresholds, reference_graph_with,
-    report, strongest,
+    FastEngine, Normalization, PromptCi, Semantics, SourceMap, Thresholds, default_max_outputs,
+    reference_graph_with, report, strongest,
 };
 use server::model::SpdModel;
 
@@ -70,12 +70,12 @@ struct Args {
 }
 
 fn parse_normalization(s: &str) -> Result<Normalization, String> {
-    Normalization::parse(s)
+    Normalization::from_name(s)
         .ok_or_else(|| format!("`{s}`: expected none, l1, l2-target or l2-layer"))
 }
 
 fn parse_semantics(s: &str) -> Result<Semantics, String> {
-    Semantics::parse(s).ok_or_else(|| format!("`{s}`: expected seed or app"))
+    Semantics::from_name(s).ok_or_else(|| format!("`{s}`: expected seed or app"))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +98,7 @@ fn run(args: Args) -> Result<(), String> {
     let sources = SourceMap::probe(&model).map_err(|e| e.to_string())?;
     let max_outputs = args
         .max_outputs_per_position
-        .or(args.semantics.default_max_outputs());
+        .or(default_max_outputs(args.semantics));
     let fast = match args.engine {
         Engine::Reference => None,
         // The fast engine computes the seed's semantics; the app's comes from the reference.
@@ -148,7 +148,7 @@ fn run(args: Args) -> Result<(), String> {
         th,
         Made {
             semantics: args.semantics,
-            normalize: args.normalize.unwrap_or_default(),
+            normalize: args.normalize.unwrap_or(Normalization::None),
         },
         report::Timing { ci_ms, graph_ms },
     );

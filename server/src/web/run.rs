@@ -8,8 +8,8 @@ use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
 use candle_core::Device;
 
 use crate::attribution::{
-    Backend, Edge, FastEngine, Graph, Layer, Normalization, PromptCi, Semantics, SourceMap,
-    Thresholds, normalize, reference_graph_with, strongest,
+    Backend, Edge, FastEngine, Graph, Layer, PromptCi, Semantics, SourceMap, Thresholds,
+    default_max_outputs, normalize, reference_graph_with, strongest,
 };
 use crate::model::SpdModel;
 
@@ -150,7 +150,7 @@ impl Run {
         let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
         let hidden = Hidden::new(&self.model, params, mean_ci);
         let keep = |e: &Edge| !hidden.hides(e.source, e.c_in) && !hidden.hides(e.target, e.c_out);
-        let semantics = semantics_of(params);
+        let semantics = params.semantics;
         let (graph, total) = match (&self.fast, semantics) {
             (Some(f), Semantics::Seed) => f
                 .strongest_graph(&self.model, &ci, th, MAX_EDGES, &keep, progress)
@@ -164,12 +164,12 @@ impl Run {
                     &ci,
                     th,
                     semantics,
-                    semantics.default_max_outputs(),
+                    default_max_outputs(semantics),
                 )
                 .map_err(internal)?;
                 let total = g.edges.len();
                 if semantics == Semantics::App {
-                    g.edges = normalize(&g.edges, normalization_of(params));
+                    g.edges = normalize(&g.edges, params.normalize);
                 }
                 g.edges = strongest(&g.edges, keep, MAX_EDGES);
                 (g, total)
@@ -187,24 +187,6 @@ impl Run {
             &hidden,
             &|id| self.token_string(id),
         ))
-    }
-}
-
-/// The engine's name for the wire's semantics.
-pub fn semantics_of(params: GraphParams) -> Semantics {
-    match params.semantics {
-        app::types::Semantics::Seed => Semantics::Seed,
-        app::types::Semantics::App => Semantics::App,
-    }
-}
-
-/// The engine's name for the wire's normalisation.
-pub fn normalization_of(params: GraphParams) -> Normalization {
-    match params.normalize {
-        app::types::Normalize::None => Normalization::None,
-        app::types::Normalize::L1 => Normalization::L1,
-        app::types::Normalize::L2Target => Normalization::L2Target,
-        app::types::Normalize::L2Layer => Normalization::L2Layer,
     }
 }
 
@@ -298,8 +280,8 @@ pub fn to_wire(
     }
     // The seed's server normalises the edges it sends; the app's graphs come normalised.
     let normalized;
-    let kept = if semantics_of(params) == Semantics::Seed {
-        normalized = normalize(&graph.edges, normalization_of(params));
+    let kept = if params.semantics == Semantics::Seed {
+        normalized = normalize(&graph.edges, params.normalize);
         &normalized
     } else {
         &graph.edges
