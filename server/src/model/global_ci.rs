@@ -565,3 +565,311 @@ fn reverse_groups(
     }
     Ok(groups)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reverse-residual network against a float64 reimplementation written from spd's
+    //! description (no fixture run has one): block groups in config order, transitions with
+    //! attention, readers after the transition, outputs split back per module.
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::model::config::{AttnConfig, BlockGroup};
+    use crate::model::synthetic::Rng;
+
+    type M = Vec<Vec<f64>>;
+
+    fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.7) as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn mat(t: &Tensor) -> M {
+        let t = t.to_dtype(candle_core::DType::F64).unwrap();
+        match t.rank() {
+            1 => vec![t.to_vec1().unwrap()],
+            _ => t.to_vec2().unwrap(),
+        }
+    }
+
+    /// `x W + b` row by row.
+    fn affine(x: &M, w: &M, b: &[f64]) -> M {
+        x.iter()
+            .map(|r| {
+                (0..w[0].len())
+                    .map(|j| b[j] + r.iter().zip(w).map(|(a, wr)| a * wr[j]).sum::<f64>())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn erf(x: f64) -> f64 {
+        // Abramowitz–Stegun 7.1.26 (|error| < 1.5e-7).
+        let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+        let y = 1.0
+            - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736)
+                * t
+                + 0.254_829_592)
+                * t
+                * (-x * x).exp();
+        y.copysign(x)
+    }
+
+    fn gelu(x: &M) -> M {
+        x.iter()
+            .map(|r| {
+                r.iter()
+                    .map(|v| 0.5 * v * (1.0 + erf(v / 2f64.sqrt())))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn add(a: &M, b: &M) -> M {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
+            .collect()
+    }
+
+    fn rms(x: &M, w: &[f64]) -> M {
+        x.iter()
+            .map(|r| {
+                let ms = r.iter().map(|v| v * v).sum::<f64>() / r.len() as f64;
+                let k = 1.0 / (ms + f32::EPSILON as f64).sqrt();
+                r.iter().zip(w).map(|(v, wi)| v * k * wi).collect()
+            })
+            .collect()
+    }
+
+    /// Bidirectional attention with RoPE from `inv_freq`, weights `[out, in]`.
+    fn attention(x: &M, q: &M, k: &M, v: &M, o: &M, inv_freq: &[f64], heads: usize) -> M {
+        let lin = |x: &M, w: &M| -> M {
+            x.iter()
+                .map(|r| {
+                    w.iter()
+                        .map(|wr| r.iter().zip(wr).map(|(a, b)| a * b).sum())
+                        .collect()
+                })
+                .collect()
+        };
+        let (s, d) = (x.len(), x[0].len());
+        let dh = d / heads;
+        let rope = |m: M| -> M {
+            m.into_iter()
+                .enumerate()
+                .map(|(p, r)| {
+                    let mut out = r.clone();
+                    for h in 0..heads {
+                        for i in 0..dh / 2 {
+                            let (a, b) = (h * dh + i, h * dh + i + dh / 2);
+                            let ang = p as f64 * inv_freq[i];
+                            out[a] = r[a] * ang.cos() - r[b] * ang.sin();
+                            out[b] = r[b] * ang.cos() + r[a] * ang.sin();
+                        }
+                    }
+                    out
+                })
+                .collect()
+        };
+        let (qs, ks, vs) = (rope(lin(x, q)), rope(lin(x, k)), lin(x, v));
+        let mut y = vec![vec![0.0; d]; s];
+        for h in 0..heads {
+            let r = h * dh..(h + 1) * dh;
+            for i in 0..s {
+                let scores: Vec<f64> = (0..s)
+                    .map(|j| {
+                        qs[i][r.clone()]
+                            .iter()
+                            .zip(&ks[j][r.clone()])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (dh as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for j in 0..s {
+                    for c in r.clone() {
+                        y[i][c] += e[j] / z * vs[j][c];
+                    }
+                }
+            }
+        }
+        lin(&y, o)
+    }
+
+    #[test]
+    fn reverse_residual_equals_a_float64_reimplementation() {
+        let mut rng = Rng::new(3);
+        // Three modules; groups: `c.*` first (the unembedding end), then `b.*` and `a.*`.
+        let names = ["a.x", "b.y", "c.z"];
+        let (d_ins, cs) = ([3usize, 2, 4], [2usize, 3, 1]);
+        let (d, th, rh, heads, s) = (4usize, 6usize, 5usize, 2usize, 3usize);
+        let groups = [("last.g", vec![2usize]), ("first", vec![1, 0])];
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        let p = "ci_fn._global_ci_fn.";
+        for (gi, (g, members)) in groups.iter().enumerate() {
+            let safe = g.replace('.', "-");
+            let g_in: usize = members.iter().map(|&m| d_ins[m]).sum();
+            let g_c: usize = members.iter().map(|&m| cs[m]).sum();
+            t.insert(
+                format!("{p}_inp_projectors.{safe}.W"),
+                rand(&mut rng, &[g_in, d]),
+            );
+            t.insert(format!("{p}_inp_projectors.{safe}.b"), rand(&mut rng, &[d]));
+            t.insert(
+                format!("{p}_reader_norms.{safe}.weight"),
+                rand(&mut rng, &[d]),
+            );
+            t.insert(format!("{p}_readers.{safe}.0.W"), rand(&mut rng, &[d, rh]));
+            t.insert(format!("{p}_readers.{safe}.0.b"), rand(&mut rng, &[rh]));
+            t.insert(
+                format!("{p}_readers.{safe}.2.W"),
+                rand(&mut rng, &[rh, g_c]),
+            );
+            t.insert(format!("{p}_readers.{safe}.2.b"), rand(&mut rng, &[g_c]));
+            if gi == 0 {
+                for (k, shape) in [
+                    ("0.W", vec![d, th]),
+                    ("0.b", vec![th]),
+                    ("2.W", vec![th, d]),
+                    ("2.b", vec![d]),
+                ] {
+                    t.insert(
+                        format!("{p}_transitions.{safe}.{k}"),
+                        rand(&mut rng, &shape),
+                    );
+                }
+                t.insert(
+                    format!("{p}_transition_norms.{safe}.weight"),
+                    rand(&mut rng, &[d]),
+                );
+                t.insert(
+                    format!("{p}_attn_norms.{safe}.weight"),
+                    rand(&mut rng, &[d]),
+                );
+                for w in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    t.insert(
+                        format!("{p}_attn_transitions.{safe}.{w}.weight"),
+                        rand(&mut rng, &[d, d]),
+                    );
+                }
+                let dh = d / heads;
+                let inv: Vec<f32> = (0..dh / 2)
+                    .map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / dh as f32))
+                    .collect();
+                t.insert(
+                    format!("{p}_attn_transitions.{safe}.rope.inv_freq"),
+                    Tensor::new(inv.as_slice(), &Device::Cpu).unwrap(),
+                );
+            }
+        }
+        let cfg = GlobalCiConfig {
+            fn_type: GlobalCiFnType::ReverseResidual,
+            hidden_dims: vec![],
+            transformer: None,
+            reader_hidden_dims: vec![rh],
+            d_resid: Some(d),
+            block_groups: vec![
+                BlockGroup {
+                    name: "last.g".into(),
+                    patterns: vec!["c.*".into()],
+                },
+                BlockGroup {
+                    name: "first".into(),
+                    patterns: vec!["b.*".into(), "a.*".into()],
+                },
+            ],
+            transition_attn: Some(AttnConfig {
+                n_heads: heads,
+                max_len: 64,
+                rope_base: 100.0,
+            }),
+            transition_hidden_dim: Some(th),
+        };
+        let shapes: Vec<ModuleShape<'_>> = (0..3)
+            .map(|i| ModuleShape {
+                name: names[i],
+                d_in: d_ins[i],
+                c: cs[i],
+            })
+            .collect();
+        let f = TensorFile::from_map(PathBuf::from("<test>"), t.clone());
+        let net = GlobalCiFn::new(&f, p, &cfg, &shapes, &[0, 1, 2]).unwrap();
+        assert!(net.reads_other_positions());
+        let inputs: Vec<Tensor> = d_ins
+            .iter()
+            .map(|&di| rand(&mut rng, &[1, s, di]))
+            .collect();
+        let ours = net.pre_sigmoid(&inputs).unwrap();
+
+        let get = |k: &str| mat(&t[&format!("{p}{k}")]);
+        let vec1 = |k: &str| get(k).remove(0);
+        let x: Vec<M> = inputs.iter().map(|x| mat(&x.squeeze(0).unwrap())).collect();
+        let mut resid: M = vec![vec![0.0; d]; s];
+        let mut want: Vec<Option<M>> = vec![None; 3];
+        for (gi, (g, members)) in groups.iter().enumerate() {
+            let safe = g.replace('.', "-");
+            let cat: M = (0..s)
+                .map(|r| members.iter().flat_map(|&m| x[m][r].clone()).collect())
+                .collect();
+            resid = add(
+                &resid,
+                &affine(
+                    &cat,
+                    &get(&format!("_inp_projectors.{safe}.W")),
+                    &vec1(&format!("_inp_projectors.{safe}.b")),
+                ),
+            );
+            if gi + 1 < groups.len() {
+                let a = format!("_attn_transitions.{safe}");
+                let normed = rms(&resid, &vec1(&format!("_attn_norms.{safe}.weight")));
+                resid = add(
+                    &resid,
+                    &attention(
+                        &normed,
+                        &get(&format!("{a}.q_proj.weight")),
+                        &get(&format!("{a}.k_proj.weight")),
+                        &get(&format!("{a}.v_proj.weight")),
+                        &get(&format!("{a}.out_proj.weight")),
+                        &vec1(&format!("{a}.rope.inv_freq")),
+                        heads,
+                    ),
+                );
+                let tr = format!("_transitions.{safe}");
+                let h = gelu(&affine(
+                    &rms(&resid, &vec1(&format!("_transition_norms.{safe}.weight"))),
+                    &get(&format!("{tr}.0.W")),
+                    &vec1(&format!("{tr}.0.b")),
+                ));
+                resid = add(
+                    &resid,
+                    &affine(&h, &get(&format!("{tr}.2.W")), &vec1(&format!("{tr}.2.b"))),
+                );
+            }
+            let rd = format!("_readers.{safe}");
+            let h = gelu(&affine(
+                &rms(&resid, &vec1(&format!("_reader_norms.{safe}.weight"))),
+                &get(&format!("{rd}.0.W")),
+                &vec1(&format!("{rd}.0.b")),
+            ));
+            let out = affine(&h, &get(&format!("{rd}.2.W")), &vec1(&format!("{rd}.2.b")));
+            let mut at = 0;
+            for &m in members {
+                want[m] = Some(out.iter().map(|r| r[at..at + cs[m]].to_vec()).collect());
+                at += cs[m];
+            }
+        }
+        for m in 0..3 {
+            let got = mat(&ours[m].squeeze(0).unwrap());
+            let want = want[m].as_ref().unwrap();
+            for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "module {m}: {a} vs {b}");
+            }
+        }
+    }
+}
