@@ -663,9 +663,9 @@ mod tests {
                 .map(|(p, r)| {
                     let mut out = r.clone();
                     for h in 0..heads {
-                        for i in 0..dh / 2 {
+                        for (i, f) in inv_freq.iter().enumerate().take(dh / 2) {
                             let (a, b) = (h * dh + i, h * dh + i + dh / 2);
-                            let ang = p as f64 * inv_freq[i];
+                            let ang = p as f64 * f;
                             out[a] = r[a] * ang.cos() - r[b] * ang.sin();
                             out[b] = r[b] * ang.cos() + r[a] * ang.sin();
                         }
