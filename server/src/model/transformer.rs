@@ -861,8 +861,8 @@ impl Transformer {
     }
 }
 
-/// `x · σ(x)`, written out so autograd differentiates it (candle's `silu` op has no backward on
-/// every version).
+/// `x · σ(x)` from elementary ops, so the reference engine's autograd differentiates it like the
+/// rest of the forward.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x * (x.neg()?.exp()? + 1.0)?.recip()?
 }
