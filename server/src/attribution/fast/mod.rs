@@ -455,7 +455,7 @@ impl FastEngine {
         collect: Collect,
         progress: &dyn Fn(usize, usize),
     ) -> Result<(Vec<Edge>, usize), RunError> {
-        let rec = HostRecord::new(rec)?;
+        let rec = HostRecord::new(rec, self)?;
         let n = model.modules.len();
         let ctx = Ctx {
             engine: self,
@@ -511,17 +511,44 @@ struct HostRecord {
     residual: Vec<(LnSite, Mat)>,
     /// Per block, attention probabilities `[H][T][T]` flattened.
     probs: Vec<Vec<f32>>,
+    /// With rotary positions: `q' = R_s q` and `k' = R_s k` as the scores read them, by the q/k
+    /// projection's id (absent without rotary positions: the outputs are what the scores read).
+    rotated: HashMap<ModuleId, Mat>,
 }
 
 impl HostRecord {
-    fn new(rec: &Recorded) -> candle_core::Result<Self> {
+    /// The host copy of `rec`, with q and k rotated once here rather than in every work unit.
+    fn new(rec: &Recorded, engine: &FastEngine) -> candle_core::Result<Self> {
+        let outputs: HashMap<ModuleId, Mat> = rec
+            .outputs
+            .iter()
+            .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let mut rotated = HashMap::new();
+        if let Some(rope) = &engine.rope {
+            let hd = engine.head_dim;
+            for (id, m) in &outputs {
+                if matches!(id.kind, ModuleKind::Q | ModuleKind::K) {
+                    let mut out = m.clone();
+                    for s in 0..m.rows {
+                        for h in 0..m.cols / hd {
+                            let r = h * hd..(h + 1) * hd;
+                            rope.rotate(
+                                &m.row(s)[r.clone()],
+                                s,
+                                false,
+                                &mut out.data[s * m.cols..][r],
+                            );
+                        }
+                    }
+                    rotated.insert(*id, out);
+                }
+            }
+        }
         Ok(Self {
             embed: Mat::from_tensor(&rec.embed)?,
-            outputs: rec
-                .outputs
-                .iter()
-                .map(|(id, t)| Ok((*id, Mat::from_tensor(t)?)))
-                .collect::<candle_core::Result<_>>()?,
+            outputs,
+            rotated,
             coef: rec
                 .coef
                 .iter()
@@ -708,25 +735,10 @@ impl Ctx<'_> {
             self.module(id(ModuleKind::V)),
         );
         // q' and k' as the scores read them (rotated where the model has rotary positions).
-        let rotated = |m: &Mat, heads: usize| -> Mat {
-            let Some(rope) = &self.engine.rope else {
-                return m.clone();
-            };
-            let mut out = m.clone();
-            for s in 0..m.rows {
-                for h in 0..heads {
-                    let r = head(h);
-                    rope.rotate(
-                        &m.row(s)[r.clone()],
-                        s,
-                        false,
-                        &mut out.data[s * m.cols..][r],
-                    );
-                }
-            }
-            out
-        };
-        let (qr, kr) = (rotated(q, nh), rotated(k, self.engine.n_kv_head));
+        let (qr, kr) = (
+            self.rec.rotated.get(&id(ModuleKind::Q)).unwrap_or(q),
+            self.rec.rotated.get(&id(ModuleKind::K)).unwrap_or(k),
+        );
         let back = |x: &mut [f32], s: usize, tmp: &mut [f32]| {
             if let Some(rope) = &self.engine.rope {
                 rope.rotate(x, s, true, tmp);
@@ -737,30 +749,35 @@ impl Ctx<'_> {
         let mut w = vec![0f32; nh * t];
         let mut wbar = vec![0f32; nh];
         let mut rho = vec![0f32; nh * hd];
+        let mut qback = vec![0f32; nh * hd];
         for s_out in positions {
             let outs = self.alive(plan.target, s_out);
             if outs.is_empty() {
                 continue;
             }
             // Uₖ[c_in]·(R_s_inᵀ q'_h[s_out]) for every alive k row up to s_out: shared by all
-            // targets at s_out.
-            let kq: Vec<Vec<f32>> = (0..=s_out)
-                .map(|s_in| {
-                    let mut qback = qr.row(s_out).to_vec();
-                    let mut scratch = vec![0f32; hd];
+            // targets at s_out. Without rotary positions `R_s_inᵀ q'` is `q` itself.
+            let mut kq: Vec<Vec<f32>> = Vec::with_capacity(s_out + 1);
+            for s_in in 0..=s_out {
+                let qrow: &[f32] = if self.engine.rope.is_some() {
+                    qback.copy_from_slice(qr.row(s_out));
                     for h in 0..nh {
-                        back(&mut qback[head(h)], s_in, &mut scratch);
+                        back(&mut qback[head(h)], s_in, &mut tmp);
                     }
+                    &qback
+                } else {
+                    q.row(s_out)
+                };
+                kq.push(
                     self.alive(Layer::Module(ik), s_in)
                         .iter()
                         .flat_map(|&c| {
                             let urow = e.u[ik].row(c as usize);
-                            let qback = &qback;
-                            (0..nh).map(move |h| dot(&urow[kv_head(h)], &qback[head(h)]))
+                            (0..nh).map(move |h| dot(&urow[kv_head(h)], &qrow[head(h)]))
                         })
-                        .collect()
-                })
-                .collect();
+                        .collect(),
+                );
+            }
             for &c_out in outs {
                 let col = vt_o.row(c_out as usize);
                 for h in 0..nh {
