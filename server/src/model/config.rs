@@ -439,28 +439,18 @@ impl SpdConfig {
             .filter(|s| !s.is_empty())
     }
 
+    /// The indexes of the `module_info` patterns a module path matches, in config order.
+    pub fn matching(&self, module: &str) -> Vec<usize> {
+        (0..self.module_info.len())
+            .filter(|&i| glob_match(&self.module_info[i].module_pattern, module))
+            .collect()
+    }
+
     /// C of a module path, from the first pattern it matches (`None`: not decomposed).
     pub fn c_of(&self, module: &str) -> Option<usize> {
-        self.module_info
-            .iter()
-            .find(|m| glob_match(&m.module_pattern, module))
-            .map(|m| m.c)
-    }
-
-    /// C of an identity insertion before `module`, if the run inserts one there.
-    pub fn identity_c_of(&self, module: &str) -> Option<usize> {
-        self.identity_module_info
-            .iter()
-            .find(|m| glob_match(&m.module_pattern, module))
-            .map(|m| m.c)
-    }
-
-    /// The module patterns, for messages.
-    pub fn patterns(&self) -> Vec<&str> {
-        self.module_info
-            .iter()
-            .map(|m| m.module_pattern.as_str())
-            .collect()
+        self.matching(module)
+            .first()
+            .map(|&i| self.module_info[i].c)
     }
 }
 

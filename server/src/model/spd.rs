@@ -137,11 +137,7 @@ impl SpdModel {
         let mut matched = vec![false; config.module_info.len()];
         for id in target.module_ids() {
             let name = id.name();
-            let hits: Vec<usize> = (0..config.module_info.len())
-                .filter(|&i| {
-                    super::config::glob_match(&config.module_info[i].module_pattern, &name)
-                })
-                .collect();
+            let hits = config.matching(&name);
             let Some(&first) = hits.first() else {
                 continue;
             };

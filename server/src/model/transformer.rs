@@ -62,11 +62,6 @@ impl ModuleKind {
             Self::Q | Self::K | Self::V | Self::Gate | Self::Up | Self::CFc
         )
     }
-
-    /// Whether the projection writes the residual stream.
-    pub fn writes_residual(self) -> bool {
-        matches!(self, Self::O | Self::Down)
-    }
 }
 
 /// One projection in a block, e.g. `h.1.attn.o_proj`.
