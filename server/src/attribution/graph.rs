@@ -136,14 +136,26 @@ pub fn reference_graph_with(
     let host2 = |x: &Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
         x.squeeze(0)?.to_device(&Device::Cpu)?.to_vec2()
     };
-    let masked = model.leaf_forward(tokens, &ci.lower_tensors)?;
-    let masked_logits = host2(&masked.logits.detach())?;
-    let masked_probs = host2(&softmax_last(&masked.logits.detach())?)?;
-    let alive = alive_nodes_with(ci, &masked_probs, th, semantics, max_outputs);
-    let fwd = match semantics {
-        Semantics::Seed => masked,
-        Semantics::App => model.leaf_forward_with(tokens, &model.ones_masks(t)?, true)?,
+    // The seed's gradient forward is the CI-masked one; the app's is a second forward, so its
+    // CI-masked logits need no leaves.
+    let (fwd, masked) = match semantics {
+        Semantics::Seed => {
+            let fwd = model.leaf_forward(tokens, &ci.lower_tensors)?;
+            let masked = fwd.logits.detach();
+            (fwd, masked)
+        }
+        Semantics::App => (
+            model.leaf_forward_with(tokens, &model.ones_masks(t)?, true)?,
+            model.masked_logits(
+                &crate::model::transformer::tokens_tensor(tokens, model.device())?,
+                &ci.lower_tensors,
+                false,
+            )?,
+        ),
     };
+    let masked_logits = host2(&masked)?;
+    let masked_probs = host2(&softmax_last(&masked)?)?;
+    let alive = alive_nodes_with(ci, &masked_probs, th, semantics, max_outputs);
     // Leaf values on the host, indexed like `alive`.
     let mut leaf_vals = vec![host2(fwd.wte.as_tensor())?];
     for leaf in &fwd.leaves {
