@@ -2,8 +2,9 @@
 //! LayerNorm or RMSNorm, learned or rotary positions, GELU or SwiGLU, shared K/V heads, biases or
 //! none), random shapes, a C per module, all three layerwise CI-fn types and the global shared MLP /
 //! transformer, random prompts and thresholds, the fast engine gives the reference engine's edges:
-//! same set, same order, values within 1e-4 of the largest |edge|. Both backends on GPT2Simple; the
-//! host backend on the Llama families (the tensor backend refuses them).
+//! same set, same order, values within 1e-4 of the largest |edge|; with identities inserted in front
+//! of some projections too. Both backends on GPT2Simple; the host backend on the Llama families and
+//! on models with identities (the tensor backend refuses them).
 
 use server::attribution::{
     Backend, Edge, FastEngine, Layer, PromptCi, SourceMap, Thresholds, reference_graph, strongest,
@@ -19,6 +20,7 @@ fn fast_engine_equals_reference_on_random_models() {
     let mut rng = Rng::new(2024);
     let kinds = [CiFnType::SharedMlp, CiFnType::VectorMlp, CiFnType::Mlp];
     let mut total_edges = 0;
+    let mut identity_edges = 0;
     let families = [
         Family::Gpt2Simple,
         Family::LlamaSimpleMlp,
@@ -51,6 +53,12 @@ fn fast_engine_equals_reference_on_random_models() {
                 4 => Some(global(GlobalCiFnType::SharedTransformer, &mut rng)),
                 _ => None,
             },
+            // Identities in front of residual readers, o_proj and down_proj.
+            identities: match case % 5 {
+                1 => vec!["h.0.attn.*".into(), "h.*.mlp.down_proj".into()],
+                3 => vec!["h.*.attn.o_proj".into(), "h.0.attn.k_proj".into()],
+                _ => vec![],
+            },
             ..SyntheticSpec::simple_stories_1m()
         };
         let model = synthetic_model(&spec).unwrap();
@@ -65,7 +73,7 @@ fn fast_engine_equals_reference_on_random_models() {
         };
         let ci = PromptCi::compute(&model, &tokens).unwrap();
         let want = reference_graph(&model, &sources, &ci, th).unwrap();
-        let backends: &[Backend] = if family == Family::Gpt2Simple {
+        let backends: &[Backend] = if family == Family::Gpt2Simple && spec.identities.is_empty() {
             &[Backend::Host, Backend::Tensor]
         } else {
             assert!(FastEngine::with_backend(&model, &sources, Backend::Tensor).is_err());
@@ -127,7 +135,18 @@ fn fast_engine_equals_reference_on_random_models() {
             }
         }
         total_edges += want.edges.len();
+        let is_identity =
+            |l: Layer| matches!(l, Layer::Module(i) if model.modules[i].id.pre_identity);
+        identity_edges += want
+            .edges
+            .iter()
+            .filter(|e| is_identity(e.source) || is_identity(e.target))
+            .count();
     }
+    assert!(
+        identity_edges > 200,
+        "the cases should exercise identities, got {identity_edges} edges"
+    );
     assert!(
         total_edges > 1000,
         "the cases should exercise many edges, got {total_edges}"

@@ -62,13 +62,22 @@ impl Row {
 }
 
 /// The row of a layer name and its slot within the row (q=0, k=1, v=2 share the q/k/v row;
-/// gate=0, up=1 the MLP-input row).
+/// gate=0, up=1 the MLP-input row). An identity inserted in front of a projection
+/// (`….pre_identity`) is in its projection's row and slot.
 pub fn row_of(layer: &str) -> Option<(Row, usize)> {
-    row_slots(layer).map(|(row, slot, _)| (row, slot))
+    row_slots(layer).map(|(row, slot, _, _)| (row, slot))
 }
 
-/// [`row_of`] with the number of slots the layer's row is split into.
-fn row_slots(layer: &str) -> Option<(Row, usize, usize)> {
+/// [`row_of`] with the number of slots the layer's row is split into, and whether the layer is an
+/// inserted identity.
+fn row_slots(layer: &str) -> Option<(Row, usize, usize, bool)> {
+    if let Some(parent) = layer.strip_suffix(".pre_identity") {
+        return projection_slots(parent).map(|(row, slot, n)| (row, slot, n, true));
+    }
+    projection_slots(layer).map(|(row, slot, n)| (row, slot, n, false))
+}
+
+fn projection_slots(layer: &str) -> Option<(Row, usize, usize)> {
     match layer {
         "wte" => return Some((Row::Wte, 0, 1)),
         "output" => return Some((Row::Output, 0, 1)),
@@ -183,14 +192,29 @@ impl Layout {
             .collect();
         let row_y: HashMap<Row, f64> = rows.iter().copied().collect();
 
+        // A row holding an inserted identity splits each slot in two: the identity left of the
+        // projection it feeds.
+        let with_identity: std::collections::HashSet<Row> = graph
+            .nodes
+            .iter()
+            .filter_map(|n| NodeKey::parse(&n.key).ok())
+            .filter_map(|k| row_slots(k.layer))
+            .filter(|s| s.3)
+            .map(|s| s.0)
+            .collect();
         // Group nodes by (row, slot, seq) and spread each group evenly over its cell.
         let mut cells: HashMap<Cell, Vec<usize>> = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
             let Ok(key) = NodeKey::parse(&node.key) else {
                 continue;
             };
-            let Some((row, slot, n_slots)) = row_slots(key.layer) else {
+            let Some((row, slot, n_slots, identity)) = row_slots(key.layer) else {
                 continue;
+            };
+            let (slot, n_slots) = if with_identity.contains(&row) {
+                (2 * slot + usize::from(!identity), 2 * n_slots)
+            } else {
+                (slot, n_slots)
             };
             if key.seq >= n_cols || !row_y.contains_key(&row) {
                 continue;
@@ -322,6 +346,29 @@ mod tests {
     }
 
     #[test]
+    fn an_inserted_identity_sits_left_of_its_projection_in_the_same_row() {
+        let g = graph(&[
+            "h.0.mlp.c_fc.pre_identity:1:3",
+            "h.0.mlp.c_fc:1:4",
+            "h.0.attn.q_proj:1:0",
+        ]);
+        let l = Layout::new(&g, 800.0, LayoutMode::Importance, 0);
+        let p = |k: &str| l.point_of(&g, k).unwrap();
+        let (ident, fc) = (p("h.0.mlp.c_fc.pre_identity:1:3"), p("h.0.mlp.c_fc:1:4"));
+        assert_eq!(ident.y, fc.y);
+        assert!(ident.x < fc.x);
+        assert!((fc.x - l.columns[1]).abs() < l.column_width / 2.0);
+        // Rows without identities keep their slots.
+        assert_eq!(p("h.0.attn.q_proj:1:0").x, {
+            let g = graph(&["h.0.attn.q_proj:1:0"]);
+            Layout::new(&g, 800.0, LayoutMode::Importance, 0)
+                .point_of(&g, "h.0.attn.q_proj:1:0")
+                .unwrap()
+                .x
+        });
+    }
+
+    #[test]
     fn crowded_cells_shrink_the_radius_and_keep_nodes_apart() {
         let keys: Vec<String> = (0..40).map(|c| format!("h.0.mlp.c_fc:0:{c}")).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -345,6 +392,10 @@ mod tests {
         assert_eq!(row_of("h.3.mlp.gate_proj"), Some((Row::MlpIn(3), 0)));
         assert_eq!(row_of("h.3.mlp.up_proj"), Some((Row::MlpIn(3), 1)));
         assert_eq!(row_of("h.x.mlp.c_fc"), None);
+        assert_eq!(
+            row_of("h.3.mlp.up_proj.pre_identity"),
+            Some((Row::MlpIn(3), 1))
+        );
     }
 
     /// A crowded random graph: many nodes per cell, importances spread over [0, 1].

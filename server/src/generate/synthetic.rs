@@ -55,7 +55,8 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
         norm(format!("h.{i}.{n1}"), &block.norm_1);
         norm(format!("h.{i}.{n2}"), &block.norm_2);
     }
-    for id in tm.module_ids() {
+    // Inserted identities have no parameters in spd's state dict.
+    for id in tm.module_ids().filter(|id| !id.pre_identity) {
         let lin = tm.linear(id);
         let p = format!("target_model.{}", id.name());
         t.insert(format!("{p}.weight"), lin.wt.t()?.contiguous()?);
@@ -119,24 +120,33 @@ pub fn write_run(model: &SpdModel, dir: &Path) -> Result<(), GenerateError> {
         }
         crate::model::config::CiConfig::Global(_) => unreachable!("checked above"),
     };
-    let module_info: String = model
-        .modules
-        .iter()
-        .map(|m| {
-            format!(
-                "- module_pattern: '{}'\n  C: {}\n",
-                m.name,
-                m.components.c()
-            )
-        })
-        .collect();
+    // Identities are spelt as spd does: the pattern of the projection they sit in front of.
+    let info = |identities: bool| -> String {
+        model
+            .modules
+            .iter()
+            .filter(|m| m.id.pre_identity == identities)
+            .map(|m| {
+                format!(
+                    "- module_pattern: '{}'\n  C: {}\n",
+                    m.id.parent().name(),
+                    m.components.c()
+                )
+            })
+            .collect()
+    };
+    let module_info = info(false);
+    let identity_info = match info(true) {
+        s if s.is_empty() => "identity_module_info: null\n".to_owned(),
+        s => format!("identity_module_info:\n{s}"),
+    };
     let class = match g.family {
         Family::Gpt2Simple => "simple_stories_train.models.gpt2_simple.GPT2Simple",
         Family::LlamaSimpleMlp => "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
         Family::LlamaSimple => "spd.pretrain.models.llama_simple.LlamaSimple",
     };
     let config = format!(
-        "module_info:\n{module_info}ci_fn_type: {}\nci_fn_hidden_dims: [{}]\nsigmoid_type: {}\n\
+        "module_info:\n{module_info}{identity_info}ci_fn_type: {}\nci_fn_hidden_dims: [{}]\nsigmoid_type: {}\n\
          sampling: continuous\nuse_delta_component: {}\npretrained_model_class: {class}\n\
          pretrained_model_name: model.safetensors\ntask_config:\n  max_seq_len: {}\n",
         fn_type.name(),

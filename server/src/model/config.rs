@@ -446,6 +446,14 @@ impl SpdConfig {
             .collect()
     }
 
+    /// The indexes of the `identity_module_info` patterns that insert an identity in front of the
+    /// projection `module` (spd matches them against the projection's path), in config order.
+    pub fn identity_matching(&self, module: &str) -> Vec<usize> {
+        (0..self.identity_module_info.len())
+            .filter(|&i| glob_match(&self.identity_module_info[i].module_pattern, module))
+            .collect()
+    }
+
     /// C of a module path, from the first pattern it matches (`None`: not decomposed).
     pub fn c_of(&self, module: &str) -> Option<usize> {
         self.matching(module)

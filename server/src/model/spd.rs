@@ -126,17 +126,58 @@ impl SpdModel {
             path: config_path.to_owned(),
             msg,
         };
-        if !config.identity_module_info.is_empty() {
-            return Err(bad_config(
-                "identity insertions (identity_module_info) are not supported yet".into(),
-            ));
+        // Identities first (spd inserts them before it expands the module patterns), so that
+        // `module_ids` lists each one in front of the projection it feeds.
+        let mut target = target;
+        let mut identity_matched = vec![false; config.identity_module_info.len()];
+        let parents: Vec<ModuleId> = target.module_ids().collect();
+        for &parent in &parents {
+            let hits = config.identity_matching(&parent.name());
+            if hits.is_empty() {
+                continue;
+            }
+            for &i in &hits {
+                identity_matched[i] = true;
+            }
+            target.insert_identity(parent)?;
+        }
+        if let Some(i) = identity_matched.iter().position(|m| !m) {
+            return Err(bad_config(format!(
+                "identity pattern `{}` matches no projection of the {} target",
+                config.identity_module_info[i].module_pattern,
+                target.cfg.family.name(),
+            )));
         }
         // C per module from the first pattern it matches; patterns that disagree are an error, as
-        // spd refuses a module matched twice.
+        // spd refuses a module matched twice. `found` holds (id, path, C, config order): module
+        // patterns first, then identity patterns.
         let mut found = Vec::new();
         let mut matched = vec![false; config.module_info.len()];
         for id in target.module_ids() {
             let name = id.name();
+            if id.pre_identity {
+                if let Some(&i) = config.matching(&name).first() {
+                    return Err(bad_config(format!(
+                        "{name} matches module pattern `{}` and is an identity insertion too",
+                        config.module_info[i].module_pattern
+                    )));
+                }
+                let hits = config.identity_matching(&id.parent().name());
+                let c = config.identity_module_info[hits[0]].c;
+                if let Some(&other) = hits
+                    .iter()
+                    .find(|&&i| config.identity_module_info[i].c != c)
+                {
+                    return Err(bad_config(format!(
+                        "{name} matches identity patterns `{}` (C = {c}) and `{}` (C = {})",
+                        config.identity_module_info[hits[0]].module_pattern,
+                        config.identity_module_info[other].module_pattern,
+                        config.identity_module_info[other].c
+                    )));
+                }
+                found.push((id, name, c, config.module_info.len() + hits[0]));
+                continue;
+            }
             let hits = config.matching(&name);
             let Some(&first) = hits.first() else {
                 continue;

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use super::checkpoint::TensorFile;
 use super::config::{
     CiConfig, CiFnType, GlobalCiConfig, GlobalCiFnType, ModuleInfo, Sampling, SigmoidType,
-    SpdConfig, TaskConfig,
+    SpdConfig, TaskConfig, glob_match,
 };
 use super::spd::SpdModel;
 use super::transformer::{Family, Gpt2Config, LlamaConfig, NormKind, TargetConfig, Transformer};
@@ -38,6 +38,9 @@ pub struct SyntheticSpec {
     /// Biases on the projections (GPT2Simple always has them).
     pub biases: bool,
     pub use_delta_component: bool,
+    /// Projections (fnmatch patterns) that get a decomposed identity inserted in front of them,
+    /// with `c` components each.
+    pub identities: Vec<String>,
 }
 
 impl SyntheticSpec {
@@ -60,6 +63,7 @@ impl SyntheticSpec {
             global_ci: None,
             biases: true,
             use_delta_component: true,
+            identities: vec![],
         }
     }
 
@@ -92,6 +96,7 @@ impl SyntheticSpec {
             global_ci: None,
             biases: false,
             use_delta_component: true,
+            identities: vec![],
         }
     }
 
@@ -250,29 +255,40 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> candle_core::Result<SpdModel> {
 
     let mut spd: HashMap<String, Tensor> = HashMap::new();
     let mut module_info = Vec::new();
+    let mut identity_module_info = Vec::new();
     let mut shapes = Vec::new();
-    for (i, id) in target.module_ids().enumerate() {
-        let name = id.name();
-        let c = spec.module_c.as_ref().map_or(spec.c, |cs| cs[i]);
+    let mut components = |rng: &mut Rng, name: String, d_in: usize, d_out: usize, c: usize| {
         let dash = name.replace('.', "-");
-        let lin = target.linear(id);
-        let (d_in, d_out) = (lin.d_in(), lin.d_out());
         spd.insert(
             format!("_components.{dash}.V"),
-            randn(&mut rng, &[d_in, c], 1.0 / (d_in as f64).sqrt()),
+            randn(rng, &[d_in, c], 1.0 / (d_in as f64).sqrt()),
         );
         spd.insert(
             format!("_components.{dash}.U"),
-            randn(&mut rng, &[c, d_out], 1.0 / (c as f64).sqrt()),
+            randn(rng, &[c, d_out], 1.0 / (c as f64).sqrt()),
         );
         if spec.global_ci.is_none() {
-            layerwise_ci_tensors(&mut spd, &mut rng, spec, &dash, d_in, c);
+            layerwise_ci_tensors(&mut spd, rng, spec, &dash, d_in, c);
         }
+        shapes.push((name, d_in, c));
+    };
+    for (i, id) in target.module_ids().enumerate() {
+        let name = id.name();
+        let c = spec.module_c.as_ref().map_or(spec.c, |cs| cs[i]);
+        let lin = target.linear(id);
+        let (d_in, d_out) = (lin.d_in(), lin.d_out());
+        if spec.identities.iter().any(|p| glob_match(p, &name)) {
+            components(&mut rng, id.identity().name(), d_in, d_in, spec.c);
+            identity_module_info.push(ModuleInfo {
+                module_pattern: name.clone(),
+                c: spec.c,
+            });
+        }
+        components(&mut rng, name.clone(), d_in, d_out, c);
         module_info.push(ModuleInfo {
-            module_pattern: name.clone(),
+            module_pattern: name,
             c,
         });
-        shapes.push((name, d_in, c));
     }
     let ci = match &spec.global_ci {
         None => CiConfig::Layerwise {
@@ -286,7 +302,7 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> candle_core::Result<SpdModel> {
     };
     let config = SpdConfig {
         module_info,
-        identity_module_info: vec![],
+        identity_module_info,
         ci,
         sigmoid_type: SigmoidType::LeakyHard,
         sampling: Sampling::Continuous,

@@ -64,24 +64,63 @@ impl ModuleKind {
     }
 }
 
-/// One projection in a block, e.g. `h.1.attn.o_proj`.
+/// One projection in a block, e.g. `h.1.attn.o_proj`, or the identity spd inserts in front of
+/// one (`h.1.mlp.c_fc.pre_identity`, SPEC §6): a `d_in × d_in` identity that is decomposed like
+/// any projection, so a run can decompose what a module reads as well as what it computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModuleId {
     pub block: usize,
     pub kind: ModuleKind,
+    /// The identity in front of the projection `(block, kind)`, not the projection.
+    pub pre_identity: bool,
 }
 
 impl ModuleId {
+    /// The projection `kind` of `block`.
+    pub fn new(block: usize, kind: ModuleKind) -> Self {
+        Self {
+            block,
+            kind,
+            pre_identity: false,
+        }
+    }
+
+    /// The identity inserted in front of this projection.
+    pub fn identity(self) -> Self {
+        Self {
+            pre_identity: true,
+            ..self
+        }
+    }
+
+    /// The projection itself (for an identity, the one it sits in front of).
+    pub fn parent(self) -> Self {
+        Self::new(self.block, self.kind)
+    }
+
     pub fn name(&self) -> String {
-        format!("h.{}.{}", self.block, self.kind.suffix())
+        let base = format!("h.{}.{}", self.block, self.kind.suffix());
+        if self.pre_identity {
+            format!("{base}.pre_identity")
+        } else {
+            base
+        }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
+        let (name, pre_identity) = match name.strip_suffix(".pre_identity") {
+            Some(parent) => (parent, true),
+            None => (name, false),
+        };
         let rest = name.strip_prefix("h.")?;
         let (block, suffix) = rest.split_once('.')?;
         let block = block.parse().ok()?;
         let kind = ModuleKind::ALL.into_iter().find(|k| k.suffix() == suffix)?;
-        Some(Self { block, kind })
+        Some(Self {
+            block,
+            kind,
+            pre_identity,
+        })
     }
 }
 
@@ -571,6 +610,10 @@ pub struct Block {
     pub norm_2: Norm,
     /// Indexed by `ModuleKind as usize`; `None` for kinds the family does not have.
     pub linears: [Option<Linear>; 8],
+    /// The identities inserted in front of projections (same index), as `Linear`s with weight
+    /// `I`: the plain forward multiplies by `I`, which is exact, and every hook sees them as it
+    /// sees any projection.
+    pub identities: [Option<Linear>; 8],
 }
 
 /// The norm in front of a residual-stream reader.
@@ -684,6 +727,7 @@ impl Transformer {
                 norm_1: Norm::load(f, &format!("{p}.{n1}"), d, cfg.norm)?,
                 norm_2: Norm::load(f, &format!("{p}.{n2}"), d, cfg.norm)?,
                 linears,
+                identities: Default::default(),
             });
         }
         Ok(Self {
@@ -712,18 +756,52 @@ impl Transformer {
     /// The projection `id`; panics for a kind the family does not have (ids come from
     /// [`Transformer::module_ids`]).
     pub fn linear(&self, id: ModuleId) -> &Linear {
-        self.blocks[id.block].linears[id.kind as usize]
+        let b = &self.blocks[id.block];
+        let table = if id.pre_identity {
+            &b.identities
+        } else {
+            &b.linears
+        };
+        table[id.kind as usize]
             .as_ref()
             .expect("a projection of this family")
     }
 
+    /// Every projection and inserted identity in forward order (an identity just before the
+    /// projection it feeds).
     pub fn module_ids(&self) -> impl Iterator<Item = ModuleId> + '_ {
-        (0..self.blocks.len()).flat_map(|block| {
-            self.cfg
-                .kinds()
-                .iter()
-                .map(move |&kind| ModuleId { block, kind })
+        (0..self.blocks.len()).flat_map(move |block| {
+            self.cfg.kinds().iter().flat_map(move |&kind| {
+                let id = ModuleId::new(block, kind);
+                let identity = self.blocks[block].identities[kind as usize]
+                    .is_some()
+                    .then(|| id.identity());
+                identity.into_iter().chain([id])
+            })
         })
+    }
+
+    /// Inserts an identity in front of the projection `parent` (spd's
+    /// `insert_identity_operations_`): the projection then reads the identity's output.
+    pub fn insert_identity(&mut self, parent: ModuleId) -> Result<()> {
+        let d_in = self.linear(parent.parent()).d_in();
+        let eye = Tensor::eye(d_in, DType::F32, self.device())?;
+        self.blocks[parent.block].identities[parent.kind as usize] = Some(Linear {
+            wt: eye,
+            bias: None,
+        });
+        Ok(())
+    }
+
+    /// The projection `id` of `x` through `hook`, behind its inserted identity if it has one.
+    fn project(&self, id: ModuleId, x: &Tensor, hook: &mut impl LinearHook) -> Result<Tensor> {
+        if self.blocks[id.block].identities[id.kind as usize].is_some() {
+            let ident = id.identity();
+            let y = hook.linear(ident, x, self.linear(ident))?;
+            hook.linear(id, &y, self.linear(id))
+        } else {
+            hook.linear(id, x, self.linear(id))
+        }
     }
 
     /// Every tensor of the model moved to `device`.
@@ -740,19 +818,23 @@ impl Transformer {
             .blocks
             .iter()
             .map(|b| -> Result<Block> {
-                let mut linears: [Option<Linear>; 8] = Default::default();
-                for (dst, src) in linears.iter_mut().zip(&b.linears) {
-                    if let Some(l) = src {
-                        *dst = Some(Linear {
-                            wt: mv(&l.wt)?,
-                            bias: l.bias.as_ref().map(mv).transpose()?,
-                        });
+                let mv_all = |from: &[Option<Linear>; 8]| -> Result<[Option<Linear>; 8]> {
+                    let mut to: [Option<Linear>; 8] = Default::default();
+                    for (dst, src) in to.iter_mut().zip(from) {
+                        if let Some(l) = src {
+                            *dst = Some(Linear {
+                                wt: mv(&l.wt)?,
+                                bias: l.bias.as_ref().map(mv).transpose()?,
+                            });
+                        }
                     }
-                }
+                    Ok(to)
+                };
                 Ok(Block {
                     norm_1: mv_norm(&b.norm_1)?,
                     norm_2: mv_norm(&b.norm_2)?,
-                    linears,
+                    linears: mv_all(&b.linears)?,
+                    identities: mv_all(&b.identities)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -810,10 +892,7 @@ impl Transformer {
     ) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
-        let mut proj = |kind| {
-            let id = ModuleId { block, kind };
-            hook.linear(id, h, self.linear(id))
-        };
+        let mut proj = |kind| self.project(ModuleId::new(block, kind), h, hook);
         let heads = |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let mut q = heads(proj(ModuleKind::Q)?, nh)?;
         let mut k = heads(proj(ModuleKind::K)?, nkv)?;
@@ -830,29 +909,20 @@ impl Transformer {
         let att = softmax_last(&att.broadcast_add(mask)?)?;
         hook.attention_probs(block, &att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        let id = ModuleId {
-            block,
-            kind: ModuleKind::O,
-        };
-        hook.linear(id, &y, self.linear(id))
+        self.project(ModuleId::new(block, ModuleKind::O), &y, hook)
     }
 
     fn mlp(&self, block: usize, h: &Tensor, hook: &mut impl LinearHook) -> Result<Tensor> {
-        let id = |kind| ModuleId { block, kind };
+        let id = |kind| ModuleId::new(block, kind);
         let a = match self.cfg.mlp {
-            MlpKind::Gelu => {
-                let i = id(ModuleKind::CFc);
-                hook.linear(i, h, self.linear(i))?.gelu()?
-            }
+            MlpKind::Gelu => self.project(id(ModuleKind::CFc), h, hook)?.gelu()?,
             MlpKind::SwiGlu => {
-                let (g, u) = (id(ModuleKind::Gate), id(ModuleKind::Up));
-                let gate = hook.linear(g, h, self.linear(g))?;
-                let up = hook.linear(u, h, self.linear(u))?;
+                let gate = self.project(id(ModuleKind::Gate), h, hook)?;
+                let up = self.project(id(ModuleKind::Up), h, hook)?;
                 (silu(&gate)? * up)?
             }
         };
-        let i = id(ModuleKind::Down);
-        hook.linear(i, &a, self.linear(i))
+        self.project(id(ModuleKind::Down), &a, hook)
     }
 }
 

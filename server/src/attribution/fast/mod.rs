@@ -47,6 +47,9 @@ enum Step {
     Mlp { block: usize },
     /// `gate_proj, up_proj → down_proj` through `silu(gate) ⊙ up` of `block`.
     Glu { block: usize },
+    /// A projection behind an inserted identity reads the identity's output as it is: the edge
+    /// is `U_identity[c_in] · V[:, c_out]`.
+    Identity,
 }
 
 #[derive(Debug, Clone)]
@@ -175,10 +178,11 @@ impl Backend {
     }
 
     /// Whether the tensor backend covers `model`: GPT2Simple blocks (LayerNorm, learned positions,
-    /// a GELU MLP, a K/V head per query head). The host backend covers every family.
+    /// a GELU MLP, a K/V head per query head) without inserted identities. The host backend covers every family.
     pub fn tensor_covers(model: &SpdModel) -> bool {
         let cfg = &model.target.cfg;
         cfg.family == Family::Gpt2Simple
+            && model.modules.iter().all(|m| !m.id.pre_identity)
             && matches!(cfg.norm, NormKind::LayerNorm { .. })
             && cfg.positions == Positions::Learned
             && cfg.mlp == MlpKind::Gelu
@@ -244,7 +248,7 @@ impl FastEngine {
         }
         for block in 0..model.target.blocks.len() {
             for &kind in cfg.kinds() {
-                let id = ModuleId { block, kind };
+                let id = ModuleId::new(block, kind);
                 if model.module_index(id).is_none() {
                     return Err(format!(
                         "the fast engine needs every projection decomposed; {} is not",
@@ -260,8 +264,9 @@ impl FastEngine {
         let is_writer = |s: &Source| {
             !s.cross_seq
                 && (s.layer == Layer::Wte
-                    || kind_of(s.layer)
-                        .is_some_and(|id| matches!(id.kind, ModuleKind::O | ModuleKind::Down)))
+                    || kind_of(s.layer).is_some_and(|id| {
+                        !id.pre_identity && matches!(id.kind, ModuleKind::O | ModuleKind::Down)
+                    }))
         };
         let mut plans = Vec::new();
         for (target, srcs) in &sources.targets {
@@ -277,6 +282,10 @@ impl FastEngine {
                         .and_then(|t| t.to_vec1())
                         .map_err(|e| e.to_string())?,
                 },
+                // An identity reads what its projection would; the projection reads it.
+                Some(id) if !id.pre_identity && model.module_index(id.identity()).is_some() => {
+                    Step::Identity
+                }
                 Some(id) => match id.kind {
                     kind if kind.reads_residual() => {
                         let site = match kind {
@@ -315,23 +324,19 @@ impl FastEngine {
                 Step::Mlp { block } => {
                     srcs.len() == 1
                         && !srcs[0].cross_seq
-                        && kind_of(srcs[0].layer)
-                            == Some(ModuleId {
-                                block: *block,
-                                kind: ModuleKind::CFc,
-                            })
+                        && kind_of(srcs[0].layer) == Some(ModuleId::new(*block, ModuleKind::CFc))
+                }
+                Step::Identity => {
+                    let identity = kind_of(*target).map(ModuleId::identity);
+                    srcs.len() == 1 && !srcs[0].cross_seq && kind_of(srcs[0].layer) == identity
                 }
                 Step::Glu { block } => {
                     let kinds: Vec<Option<ModuleId>> =
                         srcs.iter().map(|s| kind_of(s.layer)).collect();
                     srcs.iter().all(|s| !s.cross_seq)
                         && kinds
-                            == [ModuleKind::Gate, ModuleKind::Up].map(|kind| {
-                                Some(ModuleId {
-                                    block: *block,
-                                    kind,
-                                })
-                            })
+                            == [ModuleKind::Gate, ModuleKind::Up]
+                                .map(|kind| Some(ModuleId::new(*block, kind)))
                 }
             };
             if !ok {
@@ -618,6 +623,7 @@ impl Ctx<'_> {
             Step::Attention { block } => self.attention(plan, *block, s..s + 1, out),
             Step::Mlp { block } => self.mlp(plan, *block, s..s + 1, out),
             Step::Glu { block } => self.glu(plan, *block, s..s + 1, out),
+            Step::Identity => self.identity(plan, s, out),
         }
     }
 
@@ -716,7 +722,7 @@ impl Ctx<'_> {
         let (nh, hd) = (self.engine.n_head, self.engine.head_dim);
         let group = nh / self.engine.n_kv_head;
         let inv_sqrt = 1.0 / (hd as f32).sqrt();
-        let id = |kind| ModuleId { block, kind };
+        let id = |kind| ModuleId::new(block, kind);
         let (q, k, v) = (
             &self.rec.outputs[&id(ModuleKind::Q)],
             &self.rec.outputs[&id(ModuleKind::K)],
@@ -725,7 +731,10 @@ impl Ctx<'_> {
         let t = q.rows;
         let probs = &self.rec.probs[block];
         let p = |h: usize, s: usize, s2: usize| probs[(h * t + s) * t + s2];
-        let o = self.module(id(ModuleKind::O));
+        // The target is o_proj, or the identity in front of it.
+        let Layer::Module(o) = plan.target else {
+            unreachable!("planned as o_proj")
+        };
         let vt_o = &e.vt[o];
         let head = |h: usize| h * hd..(h + 1) * hd;
         let kv_head = |h: usize| head(h / group);
@@ -883,7 +892,7 @@ impl Ctx<'_> {
         edges: &mut impl Sink<Edge>,
     ) {
         let e = self.weights;
-        let out_of = |kind| &self.rec.outputs[&ModuleId { block, kind }];
+        let out_of = |kind| &self.rec.outputs[&ModuleId::new(block, kind)];
         let (gate, up) = (out_of(ModuleKind::Gate), out_of(ModuleKind::Up));
         let Layer::Module(i) = plan.target else {
             unreachable!("planned as down_proj")
@@ -917,6 +926,24 @@ impl Ctx<'_> {
         }
     }
 
+    /// An inserted identity → the projection it feeds, at one position.
+    fn identity(&self, plan: &TargetPlan, s: usize, edges: &mut impl Sink<Edge>) {
+        let e = self.weights;
+        let (Layer::Module(i), src) = (plan.target, &plan.sources[0]) else {
+            unreachable!("planned as a projection")
+        };
+        let Layer::Module(j) = src.layer else {
+            unreachable!("planned as its identity")
+        };
+        for &c_out in self.alive(plan.target, s) {
+            let col = e.vt[i].row(c_out as usize);
+            for &c_in in self.alive(src.layer, s) {
+                let v = self.coef[j].at(s, c_in as usize) * dot(e.u[j].row(c_in as usize), col);
+                self.push(edges, src, plan.target, c_in, c_out, s, s, v);
+            }
+        }
+    }
+
     /// `c_fc → down_proj`: `Σ_j U_cfc[c_in, j] · gelu'(h_j) · V_down[j, c_out]`.
     fn mlp(
         &self,
@@ -926,10 +953,7 @@ impl Ctx<'_> {
         edges: &mut impl Sink<Edge>,
     ) {
         let e = self.weights;
-        let h = &self.rec.outputs[&ModuleId {
-            block,
-            kind: ModuleKind::CFc,
-        }];
+        let h = &self.rec.outputs[&ModuleId::new(block, ModuleKind::CFc)];
         let src = &plan.sources[0];
         let Layer::Module(j) = src.layer else {
             unreachable!("planned as c_fc")

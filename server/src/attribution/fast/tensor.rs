@@ -298,6 +298,7 @@ fn plan_pieces(
                 .max()
                 .unwrap_or(0),
         ),
+        Step::Identity => unreachable!("the tensor backend does not cover inserted identities"),
     };
     let per_chunk = (w.chunk_elems / width.max(1)).max(1);
     let chunks = (0..rows.len()).step_by(per_chunk).map(|r0| {
@@ -354,12 +355,7 @@ fn plan_pieces(
             }
         }
         Step::Attention { block } => {
-            let output = |kind| {
-                &rec.outputs[&ModuleId {
-                    block: *block,
-                    kind,
-                }]
-            };
+            let output = |kind| &rec.outputs[&ModuleId::new(*block, kind)];
             let q = output(ModuleKind::Q);
             let kh = heads(output(ModuleKind::K), nh, hd)?;
             let vh_t = heads(output(ModuleKind::V), nh, hd)?
@@ -433,11 +429,9 @@ fn plan_pieces(
             }
         }
         Step::Glu { .. } => unreachable!("the tensor backend refuses SwiGLU models"),
+        Step::Identity => unreachable!("the tensor backend refuses inserted identities"),
         Step::Mlp { block } => {
-            let h = &rec.outputs[&ModuleId {
-                block: *block,
-                kind: ModuleKind::CFc,
-            }];
+            let h = &rec.outputs[&ModuleId::new(*block, ModuleKind::CFc)];
             let (down, j) = (module(plan.target), module(plan.sources[0].layer));
             for chunk in chunks {
                 let chunk = chunk?;
