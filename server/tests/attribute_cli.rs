@@ -266,7 +266,8 @@ fn v2_runs_print_ci_and_graphs() {
 }
 
 /// `--semantics app` with the app's normalisations: the JSON names both, its edges are the app's
-/// raw graph (CI threshold 0) normalised, and a bare `--normalize` is L1.
+/// raw graph (CI threshold 0) normalised, from the fast engine as from the reference, and a bare
+/// `--normalize` is L1.
 #[test]
 fn app_semantics_and_normalisations_from_the_command_line() {
     let name = "v2/llama_mlp_layerwise";
@@ -313,6 +314,11 @@ fn app_semantics_and_normalisations_from_the_command_line() {
             .unwrap()
             .len()
     );
+    // The fast engine computes it (the default engine): no backward passes, the reference's edges.
+    assert_eq!(raw["n_backward_passes"], 0);
+    let reference = run(&[app.as_slice(), &["--engine", "reference"]].concat());
+    assert!(reference["n_backward_passes"].as_u64().unwrap() > 0);
+    compare_edges(&raw["edges"], &reference["edges"], 1e-4, "app semantics");
     for norm in ["l2-target", "l2-layer"] {
         let doc = run(&[app.as_slice(), &["--normalize", norm]].concat());
         assert_eq!(doc["normalize"], norm);

@@ -7,7 +7,8 @@
 //! on models with identities (the tensor backend refuses them).
 
 use server::attribution::{
-    Backend, Edge, FastEngine, Layer, PromptCi, SourceMap, Thresholds, reference_graph, strongest,
+    Backend, Edge, FastEngine, Graph, Layer, PromptCi, Semantics, SourceMap, Thresholds,
+    reference_graph, reference_graph_with, strongest,
 };
 use server::model::config::{
     AttnConfig, CiFnType, GlobalCiConfig, GlobalCiFnType, TransformerCiConfig,
@@ -21,6 +22,7 @@ fn fast_engine_equals_reference_on_random_models() {
     let kinds = [CiFnType::SharedMlp, CiFnType::VectorMlp, CiFnType::Mlp];
     let mut total_edges = 0;
     let mut identity_edges = 0;
+    let mut app_edges = 0;
     let families = [
         Family::Gpt2Simple,
         Family::LlamaSimpleMlp,
@@ -47,6 +49,8 @@ fn fast_engine_equals_reference_on_random_models() {
             ci_hidden: (0..1 + rng.below(2)).map(|_| 2 + rng.below(5)).collect(),
             ci_active_frac: 0.2 + 0.4 * rng.uniform(),
             seed: rng.next_u64(),
+            // Mostly with deltas, whose paths the app's semantics follow.
+            use_delta_component: case % 4 != 2,
             module_c: (case % 2 == 1).then(|| (0..14).map(|_| 2 + rng.below(9)).collect()),
             global_ci: match case % 7 {
                 3 => Some(global(GlobalCiFnType::SharedMlp, &mut rng)),
@@ -59,7 +63,6 @@ fn fast_engine_equals_reference_on_random_models() {
                 3 => vec!["h.*.attn.o_proj".into(), "h.0.attn.k_proj".into()],
                 _ => vec![],
             },
-            ..SyntheticSpec::simple_stories_1m()
         };
         let model = synthetic_model(&spec).unwrap();
         let sources = SourceMap::probe(&model).unwrap();
@@ -73,6 +76,10 @@ fn fast_engine_equals_reference_on_random_models() {
         };
         let ci = PromptCi::compute(&model, &tokens).unwrap();
         let want = reference_graph(&model, &sources, &ci, th).unwrap();
+        let cap = [None, Some(1), Some(3)][rng.below(3)];
+        let want_app =
+            reference_graph_with(&model, &sources, &ci, th, Semantics::App, cap).unwrap();
+        app_edges += want_app.edges.len();
         let backends: &[Backend] = if family == Family::Gpt2Simple && spec.identities.is_empty() {
             &[Backend::Host, Backend::Tensor]
         } else {
@@ -95,43 +102,13 @@ fn fast_engine_equals_reference_on_random_models() {
                     "case {case} k {k}"
                 );
             }
-            assert_eq!(got.masked_probs, want.masked_probs);
             let what = format!("case {case} {backend:?}: {spec:?} tokens {tokens:?} {th:?}");
-            assert_eq!(got.edges.len(), want.edges.len(), "{what}");
-            let scale = want
-                .edges
-                .iter()
-                .fold(0f64, |m, e| m.max(e.value.abs()))
-                .max(1e-12);
-            for (g, w) in got.edges.iter().zip(&want.edges) {
-                assert_eq!(
-                    (
-                        g.source,
-                        g.target,
-                        g.c_in,
-                        g.c_out,
-                        g.s_in,
-                        g.s_out,
-                        g.is_cross_seq
-                    ),
-                    (
-                        w.source,
-                        w.target,
-                        w.c_in,
-                        w.c_out,
-                        w.s_in,
-                        w.s_out,
-                        w.is_cross_seq
-                    ),
-                    "{what}"
-                );
-                // Plus float32 noise in absolute terms: in an RMSNorm model a `wte` edge into
-                // block 0 is exactly zero (the norm is scale-invariant and the residual there is
-                // the embedding), so a graph of only such edges has no scale of its own.
-                assert!(
-                    (g.value - w.value).abs() <= 1e-4 * scale + 1e-6,
-                    "{what}: {g:?} vs {w:?}"
-                );
+            assert_same(&got, &want, &what);
+            // The app's semantics: the host backend computes it, the tensor backend refuses.
+            let got_app = fast.graph_with(&model, &ci, th, Semantics::App, cap);
+            match backend {
+                Backend::Host => assert_same(&got_app.unwrap(), &want_app, &format!("{what} app")),
+                Backend::Tensor => assert!(got_app.is_err()),
             }
         }
         total_edges += want.edges.len();
@@ -143,6 +120,7 @@ fn fast_engine_equals_reference_on_random_models() {
             .filter(|e| is_identity(e.source) || is_identity(e.target))
             .count();
     }
+    assert!(app_edges > 1000, "app semantics: {app_edges} edges");
     assert!(
         identity_edges > 200,
         "the cases should exercise identities, got {identity_edges} edges"
@@ -151,6 +129,85 @@ fn fast_engine_equals_reference_on_random_models() {
         total_edges > 1000,
         "the cases should exercise many edges, got {total_edges}"
     );
+}
+
+/// The same output probabilities, the same edges in the same order, values within 1e-4 of the
+/// largest |edge|.
+fn assert_same(got: &Graph, want: &Graph, what: &str) {
+    assert_eq!(got.masked_probs, want.masked_probs, "{what}");
+    assert_eq!(got.alive, want.alive, "{what}");
+    assert_eq!(got.edges.len(), want.edges.len(), "{what}");
+    let scale = want
+        .edges
+        .iter()
+        .fold(0f64, |m, e| m.max(e.value.abs()))
+        .max(1e-12);
+    for (g, w) in got.edges.iter().zip(&want.edges) {
+        let key = |e: &Edge| {
+            (
+                e.source,
+                e.target,
+                e.c_in,
+                e.c_out,
+                e.s_in,
+                e.s_out,
+                e.is_cross_seq,
+            )
+        };
+        assert_eq!(key(g), key(w), "{what}");
+        // Plus float32 noise in absolute terms: in an RMSNorm model a `wte` edge into block 0 is
+        // exactly zero (the norm is scale-invariant and the residual there is the embedding), so
+        // a graph of only such edges has no scale of its own.
+        assert!(
+            (g.value - w.value).abs() <= 1e-4 * scale + 1e-6,
+            "{what}: {g:?} vs {w:?}"
+        );
+    }
+}
+
+/// Without deltas the app's semantics differ from the seed's only in the forward they
+/// differentiate (all masks 1, not the CI), the alive rule and the output cap: with every CI at 1,
+/// no cap and a threshold no value sits on, the two graphs are the same.
+#[test]
+fn without_deltas_the_app_semantics_reduce_to_the_seeds() {
+    for family in [
+        Family::Gpt2Simple,
+        Family::LlamaSimpleMlp,
+        Family::LlamaSimple,
+    ] {
+        let spec = SyntheticSpec {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            vocab_size: 30,
+            block_size: 16,
+            c: 6,
+            ci_hidden: vec![4],
+            family,
+            use_delta_component: false,
+            ..SyntheticSpec::simple_stories_1m()
+        };
+        let model = synthetic_model(&spec).unwrap();
+        let sources = SourceMap::probe(&model).unwrap();
+        let mut ci = PromptCi::compute(&model, &[3, 1, 4, 1, 5, 9, 2, 6]).unwrap();
+        for m in &mut ci.lower {
+            for row in m.iter_mut() {
+                row.fill(1.0);
+            }
+        }
+        ci.lower_tensors = model.ones_masks(8).unwrap();
+        let th = Thresholds {
+            ci: 0.5,
+            output_prob: 0.031,
+        };
+        let fast = FastEngine::with_backend(&model, &sources, Backend::Host).unwrap();
+        let seed = fast.graph(&model, &ci, th).unwrap();
+        let app = fast
+            .graph_with(&model, &ci, th, Semantics::App, None)
+            .unwrap();
+        assert!(seed.edges.len() > 100, "{family:?}");
+        assert_same(&app, &seed, &format!("{family:?}"));
+    }
 }
 
 /// A prompt filling the whole context runs through both engines; one token more is refused.

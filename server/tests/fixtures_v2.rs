@@ -314,124 +314,134 @@ fn check_app(name: &str) {
                 ci: 0.0,
                 output_prob: g["output_prob_threshold"].as_f64().unwrap() as f32,
             };
-            let what = format!("{name} {tokens:?} {key}");
-            let graph =
-                reference_graph_with(&model, &sources, &ci, th, Semantics::App, cap).unwrap();
-            let outputs: Vec<(u64, u64)> = graph.alive[model.modules.len() + 1]
-                .iter()
-                .enumerate()
-                .flat_map(|(s, v)| v.iter().map(move |&t| (s as u64, t as u64)))
-                .collect();
-            let mut theirs: Vec<(u64, u64)> = g["output_nodes"]["alive"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| (x[0].as_u64().unwrap(), x[1].as_u64().unwrap()))
-                .collect();
-            theirs.sort_unstable();
-            assert_eq!(outputs, theirs, "{what}: output nodes");
-            let raw = |edges: &[server::attribution::Edge]| {
-                json!(
-                    edges
-                        .iter()
-                        .map(|e| report::edge_tuple(&model, e))
-                        .collect::<Vec<_>>()
-                )
-            };
-            worst = worst.max(compare_edges(
-                &raw(&graph.edges),
-                &rename(&g["edges"]),
-                EDGE_REL_TOL,
-                &what,
-            ));
-            let scale = graph.edges.iter().fold(0f64, |m, e| m.max(e.value.abs()));
-            for (display, norm) in [
-                ("ci0_none", Normalization::None),
-                ("ci0_target", Normalization::L2Target),
-                ("ci0_layer", Normalization::L2Layer),
-            ] {
-                let Some(theirs) = g["display"][display]["edges"].as_array() else {
-                    continue;
+            let fast = FastEngine::with_backend(&model, &sources, Backend::Host).unwrap();
+            for engine in ["reference", "fast"] {
+                let what = format!("{name} {tokens:?} {key} {engine} engine");
+                let graph = match engine {
+                    "reference" => {
+                        reference_graph_with(&model, &sources, &ci, th, Semantics::App, cap)
+                            .unwrap()
+                    }
+                    _ => fast
+                        .graph_with(&model, &ci, th, Semantics::App, cap)
+                        .unwrap(),
                 };
-                // A group whose norm is float noise (in an RMSNorm model `wte` → block-0 edges are
-                // exactly zero: the norm is scale-invariant) normalises to arbitrary values on
-                // both sides; those groups are left out, every other one must match.
-                let group = |layer: &str, s: u64, c: u64| match norm {
-                    Normalization::L2Layer => (layer.to_owned(), 0, 0),
-                    _ => (layer.to_owned(), s, c),
-                };
-                let mut norms: std::collections::HashMap<(String, u64, u64), f64> =
-                    Default::default();
-                for e in raw(&graph.edges).as_array().unwrap() {
-                    let k = group(
-                        e[1].as_str().unwrap(),
-                        e[5].as_u64().unwrap(),
-                        e[3].as_u64().unwrap(),
-                    );
-                    *norms.entry(k).or_default() += e[6].as_f64().unwrap().powi(2);
-                }
-                let signal = |e: &Value| {
-                    let k = group(
-                        e[1].as_str().unwrap(),
-                        e[5].as_u64().unwrap(),
-                        e[3].as_u64().unwrap(),
-                    );
-                    norm == Normalization::None || norms[&k].sqrt() > 1e-4 * scale
-                };
-                noise_groups += norms.values().filter(|n| n.sqrt() <= 1e-4 * scale).count();
-                let theirs: Vec<Value> = theirs
+                let outputs: Vec<(u64, u64)> = graph.alive[model.modules.len() + 1]
                     .iter()
-                    .map(|e| display_as_raw(e, &names))
-                    .filter(|e| signal(e))
+                    .enumerate()
+                    .flat_map(|(s, v)| v.iter().map(move |&t| (s as u64, t as u64)))
                     .collect();
-                let mut shown = normalize(&graph.edges, norm);
-                shown.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
-                shown.truncate(limit);
-                let ours: Vec<Value> = raw(&shown)
+                let mut theirs: Vec<(u64, u64)> = g["output_nodes"]["alive"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .filter(|e| signal(e))
-                    .cloned()
+                    .map(|x| (x[0].as_u64().unwrap(), x[1].as_u64().unwrap()))
                     .collect();
-                // Normalised values are at most 1: an absolute tolerance.
-                let max = ours
+                theirs.sort_unstable();
+                assert_eq!(outputs, theirs, "{what}: output nodes");
+                let raw = |edges: &[server::attribution::Edge]| {
+                    json!(
+                        edges
+                            .iter()
+                            .map(|e| report::edge_tuple(&model, e))
+                            .collect::<Vec<_>>()
+                    )
+                };
+                worst = worst.max(compare_edges(
+                    &raw(&graph.edges),
+                    &rename(&g["edges"]),
+                    EDGE_REL_TOL,
+                    &what,
+                ));
+                let scale = graph.edges.iter().fold(0f64, |m, e| m.max(e.value.abs()));
+                for (display, norm) in [
+                    ("ci0_none", Normalization::None),
+                    ("ci0_target", Normalization::L2Target),
+                    ("ci0_layer", Normalization::L2Layer),
+                ] {
+                    let Some(theirs) = g["display"][display]["edges"].as_array() else {
+                        continue;
+                    };
+                    // A group whose norm is float noise (in an RMSNorm model `wte` → block-0 edges are
+                    // exactly zero: the norm is scale-invariant) normalises to arbitrary values on
+                    // both sides; those groups are left out, every other one must match.
+                    let group = |layer: &str, s: u64, c: u64| match norm {
+                        Normalization::L2Layer => (layer.to_owned(), 0, 0),
+                        _ => (layer.to_owned(), s, c),
+                    };
+                    let mut norms: std::collections::HashMap<(String, u64, u64), f64> =
+                        Default::default();
+                    for e in raw(&graph.edges).as_array().unwrap() {
+                        let k = group(
+                            e[1].as_str().unwrap(),
+                            e[5].as_u64().unwrap(),
+                            e[3].as_u64().unwrap(),
+                        );
+                        *norms.entry(k).or_default() += e[6].as_f64().unwrap().powi(2);
+                    }
+                    let signal = |e: &Value| {
+                        let k = group(
+                            e[1].as_str().unwrap(),
+                            e[5].as_u64().unwrap(),
+                            e[3].as_u64().unwrap(),
+                        );
+                        norm == Normalization::None || norms[&k].sqrt() > 1e-4 * scale
+                    };
+                    noise_groups += norms.values().filter(|n| n.sqrt() <= 1e-4 * scale).count();
+                    let theirs: Vec<Value> = theirs
+                        .iter()
+                        .map(|e| display_as_raw(e, &names))
+                        .filter(|e| signal(e))
+                        .collect();
+                    let mut shown = normalize(&graph.edges, norm);
+                    shown.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+                    shown.truncate(limit);
+                    let ours: Vec<Value> = raw(&shown)
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|e| signal(e))
+                        .cloned()
+                        .collect();
+                    // Normalised values are at most 1: an absolute tolerance.
+                    let max = ours
+                        .iter()
+                        .fold(0f64, |m, e| m.max(e[6].as_f64().unwrap().abs()));
+                    compare_edges(
+                        &json!(ours),
+                        &json!(theirs),
+                        1e-4 / max.max(1e-30),
+                        &format!("{what} {display}"),
+                    );
+                }
+                // The display's CI filter: both endpoints' CI > 0.1 (embed and outputs always kept).
+                let kept = |layer: server::attribution::Layer, s: u32, c: u32| match layer {
+                    Layer::Module(i) => ci.lower[i][s as usize][c as usize] > 0.1,
+                    _ => true,
+                };
+                let mut filtered: Vec<_> = graph
+                    .edges
                     .iter()
-                    .fold(0f64, |m, e| m.max(e[6].as_f64().unwrap().abs()));
+                    .filter(|e| kept(e.source, e.s_in, e.c_in) && kept(e.target, e.s_out, e.c_out))
+                    .copied()
+                    .collect();
+                filtered.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+                filtered.truncate(limit);
+                let Some(theirs) = g["display"]["ci0.1_none"]["edges"].as_array() else {
+                    continue;
+                };
+                let theirs: Vec<Value> = theirs.iter().map(|e| display_as_raw(e, &names)).collect();
                 compare_edges(
-                    &json!(ours),
+                    &raw(&filtered),
                     &json!(theirs),
-                    1e-4 / max.max(1e-30),
-                    &format!("{what} {display}"),
+                    EDGE_REL_TOL,
+                    &format!("{what} ci0.1_none"),
                 );
             }
-            // The display's CI filter: both endpoints' CI > 0.1 (embed and outputs always kept).
-            let kept = |layer: server::attribution::Layer, s: u32, c: u32| match layer {
-                Layer::Module(i) => ci.lower[i][s as usize][c as usize] > 0.1,
-                _ => true,
-            };
-            let mut filtered: Vec<_> = graph
-                .edges
-                .iter()
-                .filter(|e| kept(e.source, e.s_in, e.c_in) && kept(e.target, e.s_out, e.c_out))
-                .copied()
-                .collect();
-            filtered.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
-            filtered.truncate(limit);
-            let Some(theirs) = g["display"]["ci0.1_none"]["edges"].as_array() else {
-                continue;
-            };
-            let theirs: Vec<Value> = theirs.iter().map(|e| display_as_raw(e, &names)).collect();
-            compare_edges(
-                &raw(&filtered),
-                &json!(theirs),
-                EDGE_REL_TOL,
-                &format!("{what} ci0.1_none"),
-            );
         }
     }
     eprintln!(
-        "{name}: app semantics, reference engine vs SPD's app: {worst:.2e} of max |edge| \
+        "{name}: app semantics, both engines vs SPD's app: {worst:.2e} of max |edge| \
          ({noise_groups} normalisation groups at float-noise level left out)"
     );
 }

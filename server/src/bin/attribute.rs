@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::Parser;
 use server::attribution::report::Made;
 use server::attribution::{
-    FastEngine, Normalization, PromptCi, Semantics, SourceMap, Thresholds, default_max_outputs,
-    reference_graph_with, report, strongest,
+    Backend, FastEngine, Normalization, PromptCi, Semantics, SourceMap, Thresholds,
+    default_max_outputs, reference_graph_with, report, strongest,
 };
 use server::model::SpdModel;
 
@@ -101,16 +101,15 @@ fn run(args: Args) -> Result<(), String> {
         .or(default_max_outputs(args.semantics));
     let fast = match args.engine {
         Engine::Reference => None,
-        // The fast engine computes the seed's semantics; the app's comes from the reference.
-        Engine::Fast if args.semantics != Semantics::Seed || max_outputs.is_some() => {
-            eprintln!(
-                "note: the fast engine computes --semantics seed without an output cap; using \
-                 the reference engine"
-            );
-            None
-        }
         Engine::Fast => match FastEngine::new(&model, &sources) {
-            Ok(engine) => Some(engine),
+            Ok(engine) if engine.computes(args.semantics) => Some(engine),
+            Ok(_) => match FastEngine::with_backend(&model, &sources, Backend::Host) {
+                Ok(engine) => Some(engine),
+                Err(why) => {
+                    eprintln!("note: {why}; using the reference engine");
+                    None
+                }
+            },
             Err(why) => {
                 eprintln!("note: {why}; using the reference engine");
                 None
@@ -122,13 +121,22 @@ fn run(args: Args) -> Result<(), String> {
     let ci_ms = start.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
     let (graph, total) = match (&fast, args.top) {
-        (Some(engine), Some(k)) => {
-            engine.strongest_graph(&model, &ci, th, k, &|_| true, &|_, _| {})
-        }
-        (Some(engine), None) => engine.graph(&model, &ci, th).map(|g| {
-            let n = g.edges.len();
-            (g, n)
-        }),
+        (Some(engine), Some(k)) => engine.strongest_graph_with(
+            &model,
+            &ci,
+            th,
+            args.semantics,
+            max_outputs,
+            k,
+            &|_| true,
+            &|_, _| {},
+        ),
+        (Some(engine), None) => engine
+            .graph_with(&model, &ci, th, args.semantics, max_outputs)
+            .map(|g| {
+                let n = g.edges.len();
+                (g, n)
+            }),
         (None, top) => reference_graph_with(&model, &sources, &ci, th, args.semantics, max_outputs)
             .map(|mut g| {
                 let n = g.edges.len();

@@ -68,4 +68,6 @@ pub enum RunError {
     },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Unsupported(String),
 }

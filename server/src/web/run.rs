@@ -8,8 +8,8 @@ use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
 use candle_core::Device;
 
 use crate::attribution::{
-    Backend, Edge, FastEngine, Graph, Layer, PromptCi, Semantics, SourceMap, Thresholds,
-    default_max_outputs, normalize, reference_graph_with, strongest,
+    Backend, Edge, FastEngine, Graph, Layer, Normalization, PromptCi, Semantics, SourceMap,
+    Thresholds, default_max_outputs, normalize, reference_graph_with, strongest,
 };
 use crate::model::SpdModel;
 
@@ -21,6 +21,9 @@ pub struct Run {
     pub model: SpdModel,
     sources: SourceMap,
     fast: Option<FastEngine>,
+    /// A host-backend engine for the app's semantics where `fast` is the tensor backend (which
+    /// computes the seed's only).
+    fast_app: Option<FastEngine>,
     tokenizer: Option<tokenizers::Tokenizer>,
     pub model_path: PathBuf,
 }
@@ -67,10 +70,17 @@ impl Run {
                 None
             }
         };
+        let fast_app = match &fast {
+            Some(f) if !f.computes(Semantics::App) => {
+                FastEngine::with_backend(&model, &sources, Backend::Host).ok()
+            }
+            _ => None,
+        };
         Ok(Run {
             model,
             sources,
             fast,
+            fast_app,
             tokenizer,
             model_path: path.to_owned(),
         })
@@ -151,22 +161,42 @@ impl Run {
         let hidden = Hidden::new(&self.model, params, mean_ci);
         let keep = |e: &Edge| !hidden.hides(e.source, e.c_in) && !hidden.hides(e.target, e.c_out);
         let semantics = params.semantics;
-        let (graph, total) = match (&self.fast, semantics) {
-            (Some(f), Semantics::Seed) => f
-                .strongest_graph(&self.model, &ci, th, MAX_EDGES, &keep, progress)
-                .map_err(internal)?,
-            // SPD's app's semantics come from the reference engine (its deltas are multi-hop);
-            // as the app, the whole graph is normalised before the strongest edges are kept.
-            (_, semantics) => {
-                let mut g = reference_graph_with(
+        let max_outputs = default_max_outputs(semantics);
+        // The app normalises the whole graph before it keeps the strongest edges, so a
+        // normalised view needs every edge; the others keep a running selection.
+        let whole_graph = semantics == Semantics::App && params.normalize != Normalization::None;
+        let engine = [&self.fast, &self.fast_app]
+            .into_iter()
+            .flatten()
+            .find(|f| f.computes(semantics));
+        let (graph, total) = match engine {
+            Some(f) if !whole_graph => f
+                .strongest_graph_with(
                     &self.model,
-                    &self.sources,
                     &ci,
                     th,
                     semantics,
-                    default_max_outputs(semantics),
+                    max_outputs,
+                    MAX_EDGES,
+                    &keep,
+                    progress,
                 )
-                .map_err(internal)?;
+                .map_err(internal)?,
+            engine => {
+                let mut g = match engine {
+                    Some(f) => f
+                        .graph_with(&self.model, &ci, th, semantics, max_outputs)
+                        .map_err(internal)?,
+                    _ => reference_graph_with(
+                        &self.model,
+                        &self.sources,
+                        &ci,
+                        th,
+                        semantics,
+                        max_outputs,
+                    )
+                    .map_err(internal)?,
+                };
                 let total = g.edges.len();
                 if semantics == Semantics::App {
                     g.edges = normalize(&g.edges, params.normalize);

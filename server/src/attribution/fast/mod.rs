@@ -9,6 +9,7 @@
 //! records what those functions need (residual rows, attention probabilities, projection outputs);
 //! then each edge is a dot product restricted to alive rows and columns.
 
+mod delta;
 mod fill;
 mod host;
 mod record;
@@ -19,10 +20,11 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
+use self::delta::DeltaWeights;
 use self::fill::{Sink, fill_units, fold_units};
 use self::host::{HostRope, Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
 use self::record::Recorded;
-use super::graph::{Edge, Graph, Thresholds, alive_nodes};
+use super::graph::{Edge, Graph, Semantics, Thresholds, alive_nodes_with};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
@@ -57,6 +59,14 @@ struct TargetPlan {
     target: Layer,
     step: Step,
     sources: Vec<Source>,
+}
+
+/// What graph a run computes.
+#[derive(Clone, Copy)]
+struct How {
+    th: Thresholds,
+    semantics: Semantics,
+    max_outputs: Option<usize>,
 }
 
 /// Which edges a run keeps.
@@ -222,6 +232,8 @@ pub struct FastEngine {
     head_dim: usize,
     /// Rotary tables of a model with rotary positions (host backend).
     rope: Option<HostRope>,
+    /// The deltas' host copies, made on the first graph of the app's semantics.
+    deltas: std::sync::OnceLock<DeltaWeights>,
 }
 
 impl FastEngine {
@@ -381,6 +393,7 @@ impl FastEngine {
             n_kv_head: cfg.n_kv_head,
             head_dim: cfg.head_dim(),
             rope,
+            deltas: std::sync::OnceLock::new(),
         })
     }
 
@@ -398,7 +411,31 @@ impl FastEngine {
         ci: &PromptCi,
         th: Thresholds,
     ) -> Result<Graph, RunError> {
-        Ok(self.run(model, ci, th, Collect::All, &|_, _| {})?.0)
+        self.graph_with(model, ci, th, Semantics::Seed, None)
+    }
+
+    /// [`Self::graph`] under either semantics, with at most `max_outputs` output nodes per
+    /// position: [`super::reference_graph_with`]'s edges, in its order.
+    pub fn graph_with(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        semantics: Semantics,
+        max_outputs: Option<usize>,
+    ) -> Result<Graph, RunError> {
+        let how = How {
+            th,
+            semantics,
+            max_outputs,
+        };
+        Ok(self.run(model, ci, how, Collect::All, &|_, _| {})?.0)
+    }
+
+    /// Whether this engine computes graphs of `semantics`: the host backend both, the tensor
+    /// backend the seed's.
+    pub fn computes(&self, semantics: Semantics) -> bool {
+        semantics == Semantics::Seed || self.backend() == Backend::Host
     }
 
     /// What the explorer draws: the graph with only its `k` strongest edges that `keep` accepts,
@@ -416,23 +453,86 @@ impl FastEngine {
         keep: &(dyn Fn(&Edge) -> bool + Sync),
         progress: &dyn Fn(usize, usize),
     ) -> Result<(Graph, usize), RunError> {
-        self.run(model, ci, th, Collect::Strongest { k, keep }, progress)
+        let how = How {
+            th,
+            semantics: Semantics::Seed,
+            max_outputs: None,
+        };
+        self.run(model, ci, how, Collect::Strongest { k, keep }, progress)
+    }
+
+    /// [`Self::strongest_graph`] under either semantics. The strongest edges are chosen from the
+    /// raw values: a caller that normalises first must ask for the whole graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn strongest_graph_with(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        semantics: Semantics,
+        max_outputs: Option<usize>,
+        k: usize,
+        keep: &(dyn Fn(&Edge) -> bool + Sync),
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<(Graph, usize), RunError> {
+        let how = How {
+            th,
+            semantics,
+            max_outputs,
+        };
+        self.run(model, ci, how, Collect::Strongest { k, keep }, progress)
     }
 
     fn run(
         &self,
         model: &SpdModel,
         ci: &PromptCi,
-        th: Thresholds,
+        how: How,
         collect: Collect,
         progress: &dyn Fn(usize, usize),
     ) -> Result<(Graph, usize), RunError> {
-        let rec = Recorded::run(model, ci)?;
-        let masked_logits = Mat::from_tensor(&rec.logits)?.to_rows();
-        let masked_probs = Mat::from_tensor(&softmax_last(&rec.logits)?)?.to_rows();
-        let alive = alive_nodes(ci, &masked_probs, th);
+        // The seed differentiates its CI-masked forward; the app differentiates the forward with
+        // every mask 1 plus the deltas, and takes output nodes from a CI-masked one without them.
+        let (rec, masked) = match how.semantics {
+            Semantics::Seed => {
+                let rec = Recorded::run(model, &ci.lower_tensors, false, &ci.tokens)?;
+                let masked = rec.logits.clone();
+                (rec, masked)
+            }
+            Semantics::App => {
+                if !self.computes(Semantics::App) {
+                    return Err(RunError::Unsupported(
+                        "the tensor backend computes the seed's semantics only; the host backend \
+                         computes the app's"
+                            .into(),
+                    ));
+                }
+                let t = ci.tokens.len();
+                let rec = Recorded::run(model, &model.ones_masks(t)?, true, &ci.tokens)?;
+                let tokens = crate::model::transformer::tokens_tensor(&ci.tokens, model.device())?;
+                let masked = model
+                    .masked_logits(&tokens, &ci.lower_tensors, false)?
+                    .squeeze(0)?;
+                (rec, masked)
+            }
+        };
+        let masked_logits = Mat::from_tensor(&masked)?.to_rows();
+        let masked_probs = Mat::from_tensor(&softmax_last(&masked)?)?.to_rows();
+        let alive = alive_nodes_with(ci, &masked_probs, how.th, how.semantics, how.max_outputs);
+        let deltas = match how.semantics {
+            Semantics::Seed => None,
+            Semantics::App => {
+                if self.deltas.get().is_none() {
+                    // Two threads may both build it; one copy is kept.
+                    let _ = self.deltas.set(DeltaWeights::new(model)?);
+                }
+                self.deltas.get().filter(|d| !d.all_zero())
+            }
+        };
         let (edges, total) = match &self.weights {
-            Weights::Host(w) => self.host_edges(w, model, ci, &rec, &alive, collect, progress)?,
+            Weights::Host(w) => {
+                self.host_edges(w, model, ci, &rec, &alive, deltas, collect, progress)?
+            }
             Weights::Tensor(w) => {
                 tensor::edges(&self.plans, w, ci, &rec, &alive, collect, progress)?
             }
@@ -457,6 +557,7 @@ impl FastEngine {
         ci: &PromptCi,
         rec: &Recorded,
         alive: &[Vec<Vec<u32>>],
+        deltas: Option<&DeltaWeights>,
         collect: Collect,
         progress: &dyn Fn(usize, usize),
     ) -> Result<(Vec<Edge>, usize), RunError> {
@@ -470,6 +571,7 @@ impl FastEngine {
             alive,
             coef: &rec.coef,
             n,
+            deltas,
         };
         // Work units are (target, position) in the reference's order; a unit's edges are a
         // contiguous run of the graph, so where they land does not depend on the threads.
@@ -590,6 +692,8 @@ struct Ctx<'a> {
     alive: &'a [Vec<Vec<u32>>],
     coef: &'a [Mat],
     n: usize,
+    /// The app's semantics with non-zero deltas: residual readers' edges carry the delta paths.
+    deltas: Option<&'a DeltaWeights>,
 }
 
 impl Ctx<'_> {
@@ -667,6 +771,10 @@ impl Ctx<'_> {
         positions: Range<usize>,
         edges: &mut impl Sink<Edge>,
     ) {
+        if let Some(deltas) = self.deltas {
+            return self
+                .residual_with_deltas(deltas, plan, site, norm, ln_weight, positions, edges);
+        }
         let e = self.weights;
         let x = self.rec.residual_at(site);
         let mut g = vec![0f32; x.cols];
@@ -698,6 +806,76 @@ impl Ctx<'_> {
                             for &c_in in self.alive(src.layer, s) {
                                 let v = self.coef[j].at(s, c_in as usize)
                                     * dot(e.u[j].row(c_in as usize), &g);
+                                self.push(edges, src, plan.target, c_in, c_out, s, s, v);
+                            }
+                        }
+                        Layer::Output => unreachable!("output is never a source"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::residual`] with the deltas' paths (the app's semantics): the targets' gradients at
+    /// the norm's input are carried down the residual stream through every sublayer's deltas
+    /// ([`delta`]), and each source reads the gradient where its write lands.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_with_deltas(
+        &self,
+        deltas: &DeltaWeights,
+        plan: &TargetPlan,
+        site: LnSite,
+        norm: NormKind,
+        ln_weight: &[f32],
+        positions: Range<usize>,
+        edges: &mut impl Sink<Edge>,
+    ) {
+        let e = self.weights;
+        let x = self.rec.residual_at(site);
+        let d = x.cols;
+        let lands = |layer: Layer| match layer {
+            Layer::Module(j) => {
+                let id = self.model.modules[j].id;
+                match id.kind {
+                    ModuleKind::O => 2 * id.block + 1,
+                    _ => 2 * id.block + 2,
+                }
+            }
+            _ => 0,
+        };
+        for s in positions {
+            let outs = self.alive(plan.target, s);
+            if outs.is_empty() {
+                continue;
+            }
+            let ln = NormBackward::new(norm, x.row(s));
+            let mut g = vec![0f32; outs.len() * d];
+            for (r, &c_out) in outs.iter().enumerate() {
+                let column = match plan.target {
+                    Layer::Module(i) => e.vt[i].row(c_out as usize),
+                    _ => e.lm_head.row(c_out as usize),
+                };
+                ln.apply(column, ln_weight, &mut g[r * d..(r + 1) * d]);
+            }
+            let paths = self.delta_paths(deltas, site, s, g, outs.len());
+            for (r, &c_out) in outs.iter().enumerate() {
+                for src in &plan.sources {
+                    let g = &paths[lands(src.layer)][r * d..(r + 1) * d];
+                    match src.layer {
+                        Layer::Wte => self.push(
+                            edges,
+                            src,
+                            plan.target,
+                            0,
+                            c_out,
+                            s,
+                            s,
+                            dot(self.rec.embed.row(s), g),
+                        ),
+                        Layer::Module(j) => {
+                            for &c_in in self.alive(src.layer, s) {
+                                let v = self.coef[j].at(s, c_in as usize)
+                                    * dot(e.u[j].row(c_in as usize), g);
                                 self.push(edges, src, plan.target, c_in, c_out, s, s, v);
                             }
                         }

@@ -5,20 +5,19 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::super::prompt::PromptCi;
 use crate::model::transformer::{
     Linear, LinearHook, LnSite, ModuleId, PlainForward, tokens_tensor,
 };
 use crate::model::{RunError, SpdModel};
 
-/// What one CI-masked forward of the component model records for the local Jacobians; batch
-/// dimension dropped.
+/// What one forward of the component model records for the local Jacobians (the CI-masked one for
+/// the seed's semantics, all masks 1 plus the deltas for the app's); batch dimension dropped.
 pub(super) struct Recorded {
     /// `wte[t]`, `[T, d]`
     pub embed: Tensor,
     /// Outputs of every projection (masked component outputs where decomposed), `[T, d_out]`.
     pub outputs: HashMap<ModuleId, Tensor>,
-    /// Per decomposed module, `a' ⊙ mask` (component acts `x V` times the CI mask), `[T, C]`: the
+    /// Per decomposed module, `a' ⊙ mask` (component acts `x V` times the mask), `[T, C]`: the
     /// factor every edge from a component source carries.
     pub coef: Vec<Tensor>,
     /// The residual stream entering each LayerNorm, `[T, d]`.
@@ -30,10 +29,18 @@ pub(super) struct Recorded {
 }
 
 impl Recorded {
-    pub fn run(model: &SpdModel, ci: &PromptCi) -> Result<Self, RunError> {
+    /// The forward of `tokens` with `masks` (`[1, T, C]` per module), adding every module's
+    /// weight delta where `with_delta`.
+    pub fn run(
+        model: &SpdModel,
+        masks: &[Tensor],
+        with_delta: bool,
+        tokens: &[u32],
+    ) -> Result<Self, RunError> {
         struct Hook<'a> {
             model: &'a SpdModel,
             masks: &'a [Tensor],
+            with_delta: bool,
             embed: Option<Tensor>,
             outputs: HashMap<ModuleId, Tensor>,
             acts: Vec<Option<Tensor>>,
@@ -55,7 +62,12 @@ impl Recorded {
                     Some(i) => {
                         let comps = &self.model.modules[i].components;
                         let acts = comps.inner_acts(x)?;
-                        let out = comps.masked_output(&acts, &self.masks[i])?;
+                        let mut out = comps.masked_output(&acts, &self.masks[i])?;
+                        if self.with_delta
+                            && let Some(d) = comps.delta_output(x)?
+                        {
+                            out = (out + d)?;
+                        }
                         self.acts[i] = Some(acts.squeeze(0)?);
                         out
                     }
@@ -79,14 +91,15 @@ impl Recorded {
         }
         let mut hook = Hook {
             model,
-            masks: &ci.lower_tensors,
+            masks,
+            with_delta,
             embed: None,
             outputs: HashMap::new(),
             acts: vec![None; model.modules.len()],
             residual: vec![],
             probs: vec![],
         };
-        let tokens = tokens_tensor(&ci.tokens, model.device())?;
+        let tokens = tokens_tensor(tokens, model.device())?;
         let logits = model.target.forward(&tokens, &mut hook)?.squeeze(0)?;
         Ok(Self {
             embed: hook.embed.expect("the forward embeds"),
@@ -94,7 +107,7 @@ impl Recorded {
             coef: hook
                 .acts
                 .into_iter()
-                .zip(&ci.lower_tensors)
+                .zip(masks)
                 .map(|(a, m)| a.expect("every module runs") * m.squeeze(0)?)
                 .collect::<candle_core::Result<_>>()?,
             residual: hook.residual,

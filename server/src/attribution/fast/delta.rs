@@ -1,0 +1,302 @@
+//! The weight deltas' paths for SPD's app semantics (SPEC §6): in the app's gradient forward every
+//! component act is a leaf, but each module also adds `x Δᵀ`, through which gradient flows on. So
+//! an edge into a residual reader at position `s` carries, besides the one-hop path, every path
+//! from the source's write into the residual stream up through the delta terms of the sublayers in
+//! between.
+//!
+//! Only the diagonal blocks matter: a target at position `s` reads the residual stream at `s`,
+//! and positions never decrease along a path, so a path from a write at `s` to it stays at `s`
+//! throughout. The gradient of a batch of target rows with respect to the residual stream is
+//! therefore carried down sublayer by sublayer, `g_{j-1} = g_j + g_j J_j(s)`, where `J_j(s)` is the
+//! delta-only Jacobian at `s` of sublayer `j` (norm, projections through their deltas, the
+//! attention's softmax or the MLP's activation, evaluated at the app's forward). A run whose
+//! deltas are all zero has `J = 0` everywhere, so the edges reduce to the one-hop closed forms.
+
+use super::host::{Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
+use super::{Ctx, FastEngine};
+use crate::model::SpdModel;
+use crate::model::transformer::{LnSite, MlpKind, ModuleId, ModuleKind};
+
+/// Host copies of the deltas and norm weights the delta paths read. Built on the first graph of
+/// the app's semantics: a copy of every decomposed weight matrix is memory a seed-only server
+/// does not need.
+pub(super) struct DeltaWeights {
+    /// Per module, `Δᵀ` (`[d_in, d_out]`); `None` where the run has no delta or it is all zero.
+    delta_t: Vec<Option<Mat>>,
+    /// Per block, the weights of the norm in front of the attention and of the MLP.
+    norm_1: Vec<Vec<f32>>,
+    norm_2: Vec<Vec<f32>>,
+}
+
+impl DeltaWeights {
+    pub fn new(model: &SpdModel) -> candle_core::Result<Self> {
+        let mut delta_t = Vec::with_capacity(model.modules.len());
+        for m in &model.modules {
+            delta_t.push(match &m.components.delta_t {
+                Some(d) => {
+                    let d = Mat::from_tensor(d)?;
+                    d.data.iter().any(|v| *v != 0.0).then_some(d)
+                }
+                None => None,
+            });
+        }
+        let weights = |site| model.target.norm(site).weight.to_vec1::<f32>();
+        let n = model.target.blocks.len();
+        Ok(Self {
+            delta_t,
+            norm_1: (0..n)
+                .map(|b| weights(LnSite::Attn(b)))
+                .collect::<candle_core::Result<_>>()?,
+            norm_2: (0..n)
+                .map(|b| weights(LnSite::Mlp(b)))
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// Whether no module has a delta: every path is one hop.
+    pub fn all_zero(&self) -> bool {
+        self.delta_t.iter().all(Option::is_none)
+    }
+}
+
+/// Where a residual-stream position sits: 0 after the embedding, `2b + 1` after block `b`'s
+/// attention, `2b + 2` after its MLP; a site reads the stream at its index.
+pub(super) fn stream_index(site: LnSite, n_blocks: usize) -> usize {
+    match site {
+        LnSite::Attn(b) => 2 * b,
+        LnSite::Mlp(b) => 2 * b + 1,
+        LnSite::Final => 2 * n_blocks,
+    }
+}
+
+/// `out[r] = Δ g[r]` for `rows` rows: `g` is `[rows, d_out]`, `out` `[rows, d_in]`, `dt = Δᵀ`.
+/// Each row of `Δᵀ` is read once for all rows.
+fn times_delta(dt: &Mat, g: &[f32], rows: usize, out: &mut [f32]) {
+    let (d_in, d_out) = (dt.rows, dt.cols);
+    for i in 0..d_in {
+        let w = dt.row(i);
+        for r in 0..rows {
+            out[r * d_in + i] = dot(w, &g[r * d_out..(r + 1) * d_out]);
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// The gradient of `rows` target rows (`g`, `[rows, d]`, with respect to the residual stream at
+    /// `site`, position `s`) with respect to the stream at every index from `site`'s down to 0:
+    /// `out[k]` is `[rows, d]`. The write of the embedding lands at 0, block `b`'s o_proj at
+    /// `2b + 1`, its down_proj at `2b + 2`.
+    pub(super) fn delta_paths(
+        &self,
+        deltas: &DeltaWeights,
+        site: LnSite,
+        s: usize,
+        g: Vec<f32>,
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
+        let n_blocks = self.model.target.blocks.len();
+        let top = stream_index(site, n_blocks);
+        let mut out = vec![Vec::new(); top + 1];
+        out[top] = g;
+        for j in (1..=top).rev() {
+            let block = (j - 1) / 2;
+            let above = &out[j];
+            let through = if j % 2 == 1 {
+                self.attention_vjp(deltas, block, s, above, rows)
+            } else {
+                self.mlp_vjp(deltas, block, s, above, rows)
+            };
+            let mut below = above.clone();
+            if let Some(t) = through {
+                for (b, t) in below.iter_mut().zip(t) {
+                    *b += t;
+                }
+            }
+            out[j - 1] = below;
+        }
+        out
+    }
+
+    /// `Δ` of the projection `(block, kind)` applied to `g` (`[rows, d_out]`), behind its inserted
+    /// identity's `Δ` where it has one: the delta-only Jacobian of a projection from its input.
+    /// `None` where it is zero.
+    fn projection_vjp(
+        &self,
+        deltas: &DeltaWeights,
+        id: ModuleId,
+        g: &[f32],
+        rows: usize,
+    ) -> Option<Vec<f32>> {
+        let apply = |id: ModuleId, g: &[f32]| -> Option<Vec<f32>> {
+            let dt = deltas.delta_t[self.module(id)].as_ref()?;
+            let mut out = vec![0f32; rows * dt.rows];
+            times_delta(dt, g, rows, &mut out);
+            Some(out)
+        };
+        let y = apply(id, g)?;
+        match self.model.module_index(id.identity()) {
+            Some(_) => apply(id.identity(), &y),
+            None => Some(y),
+        }
+    }
+
+    /// Adds `Σ` of the projections' input gradients and takes the norm at `site` backward.
+    fn norm_vjp(
+        &self,
+        site: LnSite,
+        weight: &[f32],
+        s: usize,
+        parts: Vec<Option<Vec<f32>>>,
+        rows: usize,
+    ) -> Option<Vec<f32>> {
+        let mut parts = parts.into_iter().flatten();
+        let mut sum = parts.next()?;
+        for p in parts {
+            for (a, b) in sum.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        let x = self.rec.residual_at(site).row(s);
+        let d = x.len();
+        let norm = NormBackward::new(self.model.target.cfg.norm, x);
+        let mut out = vec![0f32; rows * d];
+        for r in 0..rows {
+            norm.apply(
+                &sum[r * d..(r + 1) * d],
+                weight,
+                &mut out[r * d..(r + 1) * d],
+            );
+        }
+        Some(out)
+    }
+
+    /// `g J` for block `block`'s attention sublayer at position `s` (the delta-only Jacobian of
+    /// its output at `s` with respect to the stream at `s`): through o_proj's delta, then the
+    /// query at `s` (all keys), and the key and value at `s` itself.
+    fn attention_vjp(
+        &self,
+        deltas: &DeltaWeights,
+        block: usize,
+        s: usize,
+        g: &[f32],
+        rows: usize,
+    ) -> Option<Vec<f32>> {
+        let id = |kind| ModuleId::new(block, kind);
+        let gz = self.projection_vjp(deltas, id(ModuleKind::O), g, rows)?;
+        let engine: &FastEngine = self.engine;
+        let (nh, hd) = (engine.n_head, engine.head_dim);
+        let group = nh / engine.n_kv_head;
+        let kv = engine.n_kv_head * hd;
+        let d = nh * hd;
+        let inv_sqrt = 1.0 / (hd as f32).sqrt();
+        let v = &self.rec.outputs[&id(ModuleKind::V)];
+        let q = &self.rec.outputs[&id(ModuleKind::Q)];
+        let k = &self.rec.outputs[&id(ModuleKind::K)];
+        let qr = self.rec.rotated.get(&id(ModuleKind::Q)).unwrap_or(q);
+        let kr = self.rec.rotated.get(&id(ModuleKind::K)).unwrap_or(k);
+        let t = q.rows;
+        let probs = &self.rec.probs[block];
+        let p = |h: usize, s2: usize| probs[(h * t + s) * t + s2];
+        let mut gq = vec![0f32; rows * d];
+        let mut gk = vec![0f32; rows * kv];
+        let mut gv = vec![0f32; rows * kv];
+        let mut w = vec![0f32; s + 1];
+        let mut tmp = vec![0f32; hd];
+        for r in 0..rows {
+            let gz = &gz[r * d..(r + 1) * d];
+            for h in 0..nh {
+                let (hq, hk) = (h * hd..(h + 1) * hd, (h / group) * hd..(h / group + 1) * hd);
+                let gzh = &gz[hq.clone()];
+                let mut wbar = 0f32;
+                for (s2, ws) in w.iter_mut().enumerate() {
+                    *ws = dot(gzh, &v.row(s2)[hk.clone()]);
+                    wbar += p(h, s2) * *ws;
+                }
+                // Value at s: its probability times g_z.
+                for (o, gi) in gv[r * kv..][hk.clone()].iter_mut().zip(gzh) {
+                    *o += p(h, s) * gi;
+                }
+                // Scores s → s2: g_score = p (w − w̄); the query reads every key, the key at s
+                // reads the query.
+                let gq_h = &mut gq[r * d..][hq.clone()];
+                for (s2, ws) in w.iter().enumerate() {
+                    let f = p(h, s2) * (ws - wbar) * inv_sqrt;
+                    for (o, ki) in gq_h.iter_mut().zip(&kr.row(s2)[hk.clone()]) {
+                        *o += f * ki;
+                    }
+                }
+                let f = p(h, s) * (w[s] - wbar) * inv_sqrt;
+                let gk_h = &mut gk[r * kv..][hk.clone()];
+                match &engine.rope {
+                    Some(rope) => {
+                        tmp.copy_from_slice(gq_h);
+                        rope.rotate(&tmp, s, true, gq_h);
+                        for (o, qi) in tmp.iter_mut().zip(&qr.row(s)[hq]) {
+                            *o = f * qi;
+                        }
+                        let mut back = vec![0f32; hd];
+                        rope.rotate(&tmp, s, true, &mut back);
+                        for (o, b) in gk_h.iter_mut().zip(back) {
+                            *o += b;
+                        }
+                    }
+                    None => {
+                        for (o, qi) in gk_h.iter_mut().zip(&qr.row(s)[hq]) {
+                            *o += f * qi;
+                        }
+                    }
+                }
+            }
+        }
+        let parts = vec![
+            self.projection_vjp(deltas, id(ModuleKind::Q), &gq, rows),
+            self.projection_vjp(deltas, id(ModuleKind::K), &gk, rows),
+            self.projection_vjp(deltas, id(ModuleKind::V), &gv, rows),
+        ];
+        self.norm_vjp(LnSite::Attn(block), &deltas.norm_1[block], s, parts, rows)
+    }
+
+    /// `g J` for block `block`'s MLP sublayer at position `s`: down_proj's delta, the activation's
+    /// derivative at the app's forward, the input projections' deltas, the norm.
+    fn mlp_vjp(
+        &self,
+        deltas: &DeltaWeights,
+        block: usize,
+        s: usize,
+        g: &[f32],
+        rows: usize,
+    ) -> Option<Vec<f32>> {
+        let id = |kind| ModuleId::new(block, kind);
+        let ga = self.projection_vjp(deltas, id(ModuleKind::Down), g, rows)?;
+        let parts = match self.model.target.cfg.mlp {
+            MlpKind::Gelu => {
+                let h = self.rec.outputs[&id(ModuleKind::CFc)].row(s);
+                let mut gh = ga;
+                for row in gh.chunks_mut(h.len()) {
+                    for (o, x) in row.iter_mut().zip(h) {
+                        *o *= gelu_tanh_grad(*x);
+                    }
+                }
+                vec![self.projection_vjp(deltas, id(ModuleKind::CFc), &gh, rows)]
+            }
+            MlpKind::SwiGlu => {
+                let gate = self.rec.outputs[&id(ModuleKind::Gate)].row(s);
+                let up = self.rec.outputs[&id(ModuleKind::Up)].row(s);
+                let (mut g_gate, mut g_up) = (ga.clone(), ga);
+                let m = gate.len();
+                for r in 0..rows {
+                    for n in 0..m {
+                        let (act, grad) = silu_and_grad(gate[n]);
+                        g_gate[r * m + n] *= grad * up[n];
+                        g_up[r * m + n] *= act;
+                    }
+                }
+                vec![
+                    self.projection_vjp(deltas, id(ModuleKind::Gate), &g_gate, rows),
+                    self.projection_vjp(deltas, id(ModuleKind::Up), &g_up, rows),
+                ]
+            }
+        };
+        self.norm_vjp(LnSite::Mlp(block), &deltas.norm_2[block], s, parts, rows)
+    }
+}
