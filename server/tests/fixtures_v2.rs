@@ -235,23 +235,8 @@ fn transformer_ci_reads_later_tokens() {
     assert_ne!(first(&a), first(&b));
 }
 
-/// The fixture's layer names (spd `dev`'s canonical ones, or module paths) as this tool's.
 fn our_names(exp: &Value) -> impl Fn(&str) -> String + '_ {
-    move |theirs: &str| {
-        if let Some(map) = exp["meta"]["canonical"].as_object()
-            && let Some((path, _)) = map.iter().find(|(_, c)| c.as_str() == Some(theirs))
-        {
-            return match path.as_str() {
-                "lm_head" => "output".into(),
-                p => p.into(),
-            };
-        }
-        match theirs {
-            "embed" => "wte".into(),
-            "lm_head" => "output".into(),
-            t => t.into(),
-        }
-    }
+    common::canonical_names(exp)
 }
 
 /// A display edge `["layer:pos:c", "layer:pos:c", value, cross]` as a raw edge tuple.

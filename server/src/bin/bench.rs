@@ -11,7 +11,8 @@ use app::types::GraphParams;
 use clap::Parser;
 use server::attribution::strongest;
 use server::attribution::{
-    Backend, FastEngine, Graph, PromptCi, SourceMap, Thresholds, reference_graph,
+    Backend, FastEngine, Graph, PromptCi, Semantics, SourceMap, Thresholds, default_max_outputs,
+    reference_graph, reference_graph_with,
 };
 use server::model::SpdModel;
 use server::model::synthetic::{Rng, SyntheticSpec, synthetic_model};
@@ -130,6 +131,73 @@ fn view(
     wire(model, tokens, ci, &top, total, params)
 }
 
+/// The server's view under both semantics (no normalisation: the running selection), seed and app
+/// side by side at each prompt length, and the ratio; with `check`, the app's whole graph from the
+/// fast engine against the reference's at the first length.
+fn app_vs_seed(
+    fast: &FastEngine,
+    model: &SpdModel,
+    sources: &SourceMap,
+    lens: &[usize],
+    rng: &mut Rng,
+    reps: usize,
+    check: bool,
+) {
+    let th = Thresholds {
+        ci: 0.1,
+        output_prob: 0.01,
+    };
+    println!(
+        "\napp semantics beside the seed's (the server's view, ci_threshold 0.1, output_prob 0.01):"
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "tokens", "seed_edges", "app_edges", "seed_s", "app_s", "app/seed"
+    );
+    for (i, &n) in lens.iter().enumerate() {
+        let tokens: Vec<u32> = (0..n)
+            .map(|_| rng.below(model.vocab_size()) as u32)
+            .collect();
+        let ci = PromptCi::compute(model, &tokens).expect("ci");
+        let run = |semantics: Semantics| {
+            fast.strongest_graph_with(
+                model,
+                &ci,
+                th,
+                semantics,
+                default_max_outputs(semantics),
+                MAX_EDGES,
+                &|_| true,
+                &|_, _| {},
+            )
+            .expect("graph")
+            .1
+        };
+        let (mut seed_edges, mut app_edges) = (0, 0);
+        let seed_s = median_secs(reps, || seed_edges = run(Semantics::Seed));
+        let app_s = median_secs(reps, || app_edges = run(Semantics::App));
+        println!(
+            "{n:>8} {seed_edges:>10} {app_edges:>10} {seed_s:>10.4} {app_s:>10.4} {:>10.1}",
+            app_s / seed_s
+        );
+        if check && i == 0 {
+            let cap = default_max_outputs(Semantics::App);
+            let got = fast
+                .graph_with(model, &ci, th, Semantics::App, cap)
+                .expect("app graph");
+            let t = Instant::now();
+            let want = reference_graph_with(model, sources, &ci, th, Semantics::App, cap)
+                .expect("reference app graph");
+            println!(
+                "  reference engine, app semantics: {:.2} s ({} backward passes)",
+                t.elapsed().as_secs_f64(),
+                want.n_backward_passes
+            );
+            assert_same_edges(&got, &want, "fast == reference, app semantics");
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     if args.suite != Suite::Pile {
@@ -193,6 +261,15 @@ fn pile(args: &Args) {
             peak_mib()
         );
     }
+    app_vs_seed(
+        &fast,
+        &model,
+        &sources,
+        &[32, 128],
+        &mut rng,
+        args.reps.min(3),
+        false,
+    );
     drop((fast, model));
 
     let spec = SyntheticSpec::pile_transformer_ci();
@@ -380,4 +457,13 @@ fn simple_stories(args: &Args) {
             view_peak
         );
     }
+    app_vs_seed(
+        &fast,
+        &model,
+        &sources,
+        &[32, 128],
+        &mut rng,
+        args.reps,
+        !args.skip_reference,
+    );
 }

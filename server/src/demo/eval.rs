@@ -5,9 +5,9 @@
 use candle_core::{D, Device, Result, Tensor};
 use serde::Serialize;
 
-use super::nn;
 use crate::model::SpdModel;
 use crate::model::transformer::{Linear, LinearHook, ModuleId, PlainForward};
+use crate::nn;
 
 /// A component counts as active on a token where its CI exceeds this (the graphs' default threshold).
 pub const ACTIVE_CI: f32 = 0.1;

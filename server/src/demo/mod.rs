@@ -5,7 +5,6 @@
 pub mod corpus;
 pub mod eval;
 pub mod export;
-pub mod nn;
 pub mod tokenizer;
 pub mod train_spd;
 pub mod train_target;

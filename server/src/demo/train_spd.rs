@@ -11,12 +11,12 @@ use std::collections::HashMap;
 
 use candle_core::{D, Device, Result, Tensor, Var};
 
-use super::nn::{self, AdamW};
 use super::train_target::batch;
 use crate::model::synthetic::Rng;
 use crate::model::transformer::{
     Linear, LinearHook, ModuleId, ModuleKind, PlainForward, Transformer, matmul_last,
 };
+use crate::nn::{self, AdamW};
 
 #[derive(Debug, Clone)]
 pub struct SpdSpec {

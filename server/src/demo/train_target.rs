@@ -7,11 +7,11 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Result, Tensor, Var};
 
-use super::nn::{self, AdamW};
 use crate::model::checkpoint::TensorFile;
 use crate::model::synthetic::Rng;
 use crate::model::transformer::Gpt2Config;
 use crate::model::transformer::{ModuleKind, PlainForward, TargetConfig, Transformer};
+use crate::nn::{self, AdamW};
 
 #[derive(Debug, Clone)]
 pub struct TargetSpec {

@@ -527,10 +527,30 @@ impl SpdModel {
         masks: &[Tensor],
         with_delta: bool,
     ) -> Result<Tensor> {
+        self.component_logits(tokens, masks, with_delta.then_some(Deltas::On))
+    }
+
+    /// [`Self::masked_logits`] with each module's delta scaled per position by
+    /// `delta_masks[i]` (`[B, T, 1]`), as spd's stochastic masks sample it.
+    pub fn masked_logits_scaled_deltas(
+        &self,
+        tokens: &Tensor,
+        masks: &[Tensor],
+        delta_masks: &[Tensor],
+    ) -> Result<Tensor> {
+        self.component_logits(tokens, masks, Some(Deltas::Scaled(delta_masks)))
+    }
+
+    fn component_logits(
+        &self,
+        tokens: &Tensor,
+        masks: &[Tensor],
+        deltas: Option<Deltas<'_>>,
+    ) -> Result<Tensor> {
         struct Masked<'a> {
             model: &'a SpdModel,
             masks: &'a [Tensor],
-            with_delta: bool,
+            deltas: Option<Deltas<'a>>,
         }
         impl LinearHook for Masked<'_> {
             fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
@@ -539,9 +559,13 @@ impl SpdModel {
                 };
                 let comps = &self.model.modules[i].components;
                 let out = comps.masked_output(&comps.inner_acts(x)?, &self.masks[i])?;
-                match (self.with_delta, comps.delta_output(x)?) {
-                    (true, Some(d)) => out + d,
-                    _ => Ok(out),
+                let Some(deltas) = self.deltas else {
+                    return Ok(out);
+                };
+                match (deltas, comps.delta_output(x)?) {
+                    (Deltas::On, Some(d)) => out + d,
+                    (Deltas::Scaled(m), Some(d)) => out + d.broadcast_mul(&m[i])?,
+                    (_, None) => Ok(out),
                 }
             }
         }
@@ -550,7 +574,7 @@ impl SpdModel {
             &mut Masked {
                 model: self,
                 masks,
-                with_delta,
+                deltas,
             },
         )
     }
@@ -562,6 +586,14 @@ impl SpdModel {
             .map(|m| Tensor::ones((1, t, m.components.c()), DType::F32, self.device()))
             .collect()
     }
+}
+
+/// How a component forward adds the weight deltas.
+#[derive(Clone, Copy)]
+enum Deltas<'a> {
+    On,
+    /// Scaled per position by a mask per module, `[B, T, 1]`.
+    Scaled(&'a [Tensor]),
 }
 
 /// A layerwise module's CI before the sigmoid, `[B, T, C]`, from its input `[B, T, d_in]`.

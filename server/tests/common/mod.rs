@@ -134,3 +134,22 @@ pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// The fixture's layer names (spd `dev`'s canonical ones, or module paths) as this tool's.
+pub fn canonical_names(exp: &Value) -> impl Fn(&str) -> String + '_ {
+    move |theirs: &str| {
+        if let Some(map) = exp["meta"]["canonical"].as_object()
+            && let Some((path, _)) = map.iter().find(|(_, c)| c.as_str() == Some(theirs))
+        {
+            return match path.as_str() {
+                "lm_head" => "output".into(),
+                p => p.into(),
+            };
+        }
+        match theirs {
+            "embed" => "wte".into(),
+            "lm_head" => "output".into(),
+            t => t.into(),
+        }
+    }
+}

@@ -1,5 +1,5 @@
-//! The training pieces both stages share: AdamW, the losses, the lower-leaky hard sigmoid with the
-//! original's backward, and seeded initialisation.
+//! The training pieces the demo's two stages and the CI optimiser share: AdamW, the losses, the
+//! lower-leaky hard sigmoid with the original's backward, and seeded initialisation.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Tensor, Var};
