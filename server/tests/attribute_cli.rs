@@ -345,3 +345,181 @@ fn app_semantics_and_normalisations_from_the_command_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected seed or app"));
 }
+
+/// `--intervene keep --nodes …` prints the app's intervention table; `--replace` forks the prompt;
+/// bad nodes and replacements exit 2 with a message.
+#[test]
+fn interventions_from_the_command_line() {
+    let name = "v2/gpt2_transformer_ci";
+    let exp = expected(name);
+    let p = &exp["prompts"][2];
+    let iv = &p["modes"]["fp32"]["intervention"];
+    let tokens: Vec<String> = p["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let nodes: Vec<String> = iv["active_nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{}:{}:{}", n[0].as_str().unwrap(), n[1], n[2]))
+        .collect();
+    let dir = fixture_dir(name);
+    let joined = tokens.join(",");
+    let nodes = nodes.join(",");
+    let base = [
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &joined,
+        "--nodes",
+        &nodes,
+    ];
+    let run = |extra: &[&str]| {
+        let out = attribute(&[base.as_slice(), extra].concat());
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, doc, err) = run(&["--intervene", "keep"]);
+    assert_eq!(code, Some(0), "{err}");
+    let ours = doc["predictions_per_position"].as_array().unwrap();
+    let theirs = iv["predictions_per_position"].as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for (o, t) in ours.iter().zip(theirs) {
+        for (o, t) in o.as_array().unwrap().iter().zip(t.as_array().unwrap()) {
+            // Token display strings, ids and the four numbers.
+            assert_eq!(o[0], t[0]);
+            assert_eq!(o[1], t[1]);
+            for i in 2..6 {
+                let (a, b) = (o[i].as_f64().unwrap(), t[i].as_f64().unwrap());
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{o} vs {t}");
+            }
+        }
+    }
+    assert_eq!(
+        doc["kl_per_position"].as_array().unwrap().len(),
+        tokens.len()
+    );
+    let first = tokens[0].parse::<u32>().unwrap();
+    let swap = format!("1:{}", (first + 1) % 96);
+    let (code, forked, err) = run(&["--intervene", "ablate", "--replace", &swap]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(forked["tokens"][1], (first + 1) % 96);
+    assert_eq!(forked["mode"], "ablate");
+    for (extra, msg) in [
+        (&["--intervene", "scale"][..], "needs a factor"),
+        (
+            &["--intervene", "keep", "--replace", "99:1"][..],
+            "out of range",
+        ),
+        (
+            &["--intervene", "keep", "--nodes", "h.0.attn.q_proj:0:99"][..],
+            "components",
+        ),
+        (&["--intervene", "boost"][..], "unknown mode"),
+    ] {
+        let (code, _, err) = run(extra);
+        assert_eq!(code, Some(2), "{extra:?}");
+        assert!(err.contains(msg), "{extra:?}: {err}");
+    }
+}
+
+/// `--optimize` prints the optimised CI, its metrics and the app's optimised graph (with the app's
+/// graph flags), as SPD's app computed them on the fixture.
+#[test]
+fn optimised_ci_from_the_command_line() {
+    let name = "v2/llama_glu_global";
+    let exp = expected(name);
+    let o = &exp["optimized"];
+    let m = &o["modes"]["fp32"];
+    let p = &exp["prompts"][o["prompt_index"].as_u64().unwrap() as usize];
+    let tokens: Vec<String> = p["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let dir = fixture_dir(name);
+    let (label, position) = (o["label_token"].to_string(), o["position"].to_string());
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--optimize",
+        "--label-token",
+        &label,
+        "--position",
+        &position,
+        "--steps",
+        "30",
+        "--imp-min-coeff",
+        "1e-3",
+        "--pnorm",
+        "0.3",
+        "--semantics",
+        "app",
+        "--ci-threshold",
+        "0",
+        "--output-prob-threshold",
+        "0.01",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["ci_masked_label_prob", "l0_total"] {
+        let (a, b) = (
+            doc["metrics"][key].as_f64().unwrap(),
+            m["metrics"][key].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-3, "{key}: {a} vs {b}");
+    }
+    for (module, rows) in m["ci_pre_sigmoid"].as_object().unwrap() {
+        let ours: Vec<Vec<f32>> =
+            serde_json::from_value(doc["ci_pre_sigmoid"][module].clone()).unwrap();
+        assert!(common::max_abs_diff_2d(&ours, rows) <= 1e-3, "{module}");
+    }
+    let names = common::canonical_names(&exp);
+    let theirs: Vec<Value> = m["graph"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut e = e.as_array().unwrap().clone();
+            e[0] = serde_json::json!(names(e[0].as_str().unwrap()));
+            e[1] = serde_json::json!(names(e[1].as_str().unwrap()));
+            Value::Array(e)
+        })
+        .collect();
+    compare_edges(
+        &doc["edges"],
+        &Value::Array(theirs),
+        1e-3,
+        "optimised graph",
+    );
+    let out = attribute(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--optimize",
+        "--position",
+        &position,
+        "--steps",
+        "3",
+        "--imp-min-coeff",
+        "1e-3",
+        "--pnorm",
+        "0.3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--label-token"));
+}

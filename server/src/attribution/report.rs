@@ -34,7 +34,7 @@ pub fn sources_json(model: &SpdModel, sources: &SourceMap) -> Value {
     Value::Object(map)
 }
 
-fn per_module(model: &SpdModel, values: &[Vec<Vec<f32>>]) -> Value {
+pub fn per_module(model: &SpdModel, values: &[Vec<Vec<f32>>]) -> Value {
     let mut map = Map::new();
     for (m, v) in model.modules.iter().zip(values) {
         map.insert(m.name.clone(), json!(v));
