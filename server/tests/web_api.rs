@@ -510,3 +510,140 @@ async fn the_http_api_serves_app_semantics() {
             .any(|(k, v)| s.get(k).is_some_and(|w| (v - w).abs() > 1e-3))
     );
 }
+
+async fn post_json(path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = call(path, body).await;
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
+    (status, json)
+}
+
+#[tokio::test]
+async fn interventions_over_http() {
+    let (status, doc) = post_json(
+        "/api/intervention",
+        json!({"prompt_id": 1, "nodes": ["h.0.mlp.c_fc:0:1", "h.1.attn.o_proj:2"], "top_k": 5}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    assert_eq!(doc["mode"], "keep");
+    let rows = doc["predictions_per_position"].as_array().unwrap();
+    assert_eq!(rows.len(), doc["tokens"].as_array().unwrap().len());
+    assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 5));
+    assert_eq!(rows[0][0].as_array().unwrap().len(), 6);
+    assert_eq!(doc["kl_per_position"].as_array().unwrap().len(), rows.len());
+
+    let tokens = doc["tokens"].clone();
+    let first = tokens[0].as_u64().unwrap();
+    let (status, forked) = post_json(
+        "/api/intervention",
+        json!({"tokens": tokens, "nodes": ["h.0.mlp.c_fc:0:1"], "mode": "scale", "factor": 3.0,
+               "token_replacements": [[0, (first + 1) % 50]]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{forked}");
+    assert_eq!(forked["tokens"][0], (first + 1) % 50);
+    assert_eq!(forked["factor"], 3.0);
+
+    for (body, msg) in [
+        (
+            json!({"prompt_id": 1, "nodes": ["h.0.mlp.c_fc:0:999"]}),
+            "components",
+        ),
+        (
+            json!({"prompt_id": 1, "nodes": ["h.9.mlp.c_fc:0:1"]}),
+            "not a decomposed module",
+        ),
+        (
+            json!({"prompt_id": 1, "nodes": ["h.0.mlp.c_fc:999:1"]}),
+            "out of range",
+        ),
+        (
+            json!({"prompt_id": 1, "text": "a", "nodes": []}),
+            "exactly one",
+        ),
+        (json!({"prompt_id": 1, "nodes": [], "top_k": 0}), "top_k"),
+        (
+            json!({"prompt_id": 1, "nodes": [], "mode": "scale"}),
+            "factor",
+        ),
+        (
+            json!({"prompt_id": 1, "nodes": [], "colour": "red"}),
+            "unknown field",
+        ),
+        (json!({"prompt_id": 99999, "nodes": []}), "not found"),
+        (json!({"tokens": [1, 999999], "nodes": []}), "vocabulary"),
+        (
+            json!({"prompt_id": 1, "nodes": [], "token_replacements": [[0, 999999]]}),
+            "vocabulary",
+        ),
+    ] {
+        let (status, err) = post_json("/api/intervention", body.clone()).await;
+        assert!(status.is_client_error(), "{body}: {status} {err}");
+        assert!(
+            err["error"].as_str().unwrap().contains(msg),
+            "{body}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn optimized_graphs_stream_progress_then_the_graph() {
+    let path = "/api/graphs/optimized?prompt_id=1&loss_type=ce&label_token=3&loss_position=2\
+                &steps=6&imp_min_coeff=1e-3&pnorm=0.3&normalize=l2-target";
+    let (status, body) = send(Request::post(path).body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let messages: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let steps: Vec<u64> = messages
+        .iter()
+        .filter(|m| m["type"] == "progress" && m["stage"] == "optimizing")
+        .map(|m| m["current"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (0..6).collect::<Vec<_>>());
+    let done = messages.last().unwrap();
+    assert_eq!(done["type"], "complete", "{done}");
+    let data = &done["data"];
+    assert_eq!(data["graphType"], "optimized");
+    assert_eq!(data["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(data["params"]["semantics"], "app");
+    let opt = &data["optimization"];
+    assert_eq!(opt["loss"]["label_token"], 3);
+    let p = opt["metrics"]["ci_masked_label_prob"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    assert!(!data["edges"].as_array().unwrap().is_empty());
+
+    for (query, msg) in [
+        (
+            "loss_type=ce&loss_position=2&steps=5&imp_min_coeff=1e-3&pnorm=0.3",
+            "label_token",
+        ),
+        (
+            "loss_type=ce&label_token=3&loss_position=2&steps=0&imp_min_coeff=1e-3&pnorm=0.3",
+            "steps",
+        ),
+        (
+            "loss_type=ce&label_token=999999&loss_position=2&steps=5&imp_min_coeff=1e-3&pnorm=0.3",
+            "vocabulary",
+        ),
+        (
+            "loss_type=ce&label_token=3&loss_position=999&steps=5&imp_min_coeff=1e-3&pnorm=0.3",
+            "out of range",
+        ),
+        (
+            "loss_type=ce&label_token=3&loss_position=2&steps=5&imp_min_coeff=inf&pnorm=0.3",
+            "imp_min_coeff",
+        ),
+        (
+            "loss_type=mse&loss_position=2&steps=5&imp_min_coeff=1e-3&pnorm=0.3",
+            "loss_type",
+        ),
+    ] {
+        let path = format!("/api/graphs/optimized?prompt_id=1&{query}");
+        let (status, body) = send(Request::post(path.as_str()).body(Body::empty()).unwrap()).await;
+        assert!(status.is_client_error(), "{query}: {status} {body}");
+        assert!(body.contains(msg), "{query}: {body}");
+    }
+}

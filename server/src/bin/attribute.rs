@@ -325,29 +325,14 @@ fn intervention(
     let out = intervene(model, &ci, &iv).map_err(|e| e.to_string())?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let name = token_names(args, model);
-    let rows = |f: &dyn Fn(&server::circuit::Prediction) -> Value| -> Value {
-        json!(
-            out.predictions
-                .iter()
-                .map(|row| row.iter().map(f).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        )
-    };
-    Ok(json!({
-        "tokens": out.tokens,
-        "mode": mode.name(),
-        "factor": match mode { Mode::Scale(f) => json!(f), _ => Value::Null },
-        "semantics": args.semantics.name(),
-        "nodes": args.nodes,
-        "replacements": args.replace.iter().map(|(p, t)| json!([p, t])).collect::<Vec<_>>(),
-        "top_k": args.top_k,
-        "predictions_per_position": rows(&|p| json!([
-            name(p.token), p.token, p.prob, p.logit, p.target_prob, p.target_logit
-        ])),
-        "ci_masked_probs_per_position": rows(&|p| json!(p.ci_masked_prob)),
-        "kl_per_position": out.kl,
-        "timing_ms": ms,
-    }))
+    let mut doc = server::circuit::report::intervention_json(&out, mode, &name);
+    let map = doc.as_object_mut().expect("an object");
+    map.insert("semantics".into(), json!(args.semantics.name()));
+    map.insert("nodes".into(), json!(args.nodes));
+    map.insert("replacements".into(), json!(args.replace));
+    map.insert("top_k".into(), json!(args.top_k));
+    map.insert("timing_ms".into(), json!(ms));
+    Ok(doc)
 }
 
 /// `--optimize`: CI optimised for the label (or the target's distribution) at `--position`, then
@@ -411,12 +396,11 @@ fn optimization(args: &Args, model: &SpdModel, tokens: &[u32]) -> Result<Value, 
     map.insert("alive_counts".into(), Value::Object(alive));
     map.insert(
         "metrics".into(),
-        json!({
-            "ci_masked_label_prob": opt.metrics.ci_masked_label_prob,
-            "stoch_masked_label_prob": opt.metrics.stoch_masked_label_prob,
-            "adv_pgd_label_prob": opt.metrics.adv_pgd_label_prob,
-            "l0_total": opt.metrics.l0_total,
-        }),
+        server::circuit::report::metrics_json(&opt.metrics),
+    );
+    map.insert(
+        "optimization".into(),
+        server::circuit::report::optimization_json(&cfg, &opt.metrics, &token_names(args, model)),
     );
     map.insert("graph_tokens".into(), json!(prompt.tokens.len()));
     map.insert("optimization_ms".into(), json!(optim_ms));

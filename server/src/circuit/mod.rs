@@ -4,6 +4,7 @@
 
 pub mod intervention;
 pub mod optimize;
+pub mod report;
 
 pub use intervention::{
     Intervention, InterventionResult, Mode, Prediction, Selected, fork, intervene, kl_divergence,

@@ -27,6 +27,7 @@ use super::service::Service;
 /// The API routes, to be merged into the site's router.
 pub fn routes<S>(service: Service) -> Router<S> {
     Router::new()
+        .merge(super::circuit_api::routes(service.clone()))
         .route("/api/meta", get(meta))
         .route("/api/activation_contexts", get(activation_contexts))
         .route("/api/activation_contexts/summary", get(contexts_summary))

@@ -1,6 +1,7 @@
 //! Serving: the axum router around the Leptos app, the original tool's HTTP API, and the explorer
 //! service behind both.
 
+pub mod circuit_api;
 pub mod http_api;
 pub mod jobs;
 pub mod routes;

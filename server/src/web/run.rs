@@ -152,12 +152,27 @@ impl Run {
         self.model
             .check_tokens(tokens)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let internal = |e: crate::model::RunError| ApiError::internal(e.to_string());
+        let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
+        self.graph_of_ci(prompt_id, &ci, params, mean_ci, progress)
+    }
+
+    /// [`Self::graph`] of a prompt whose CI is given (the model's, or an optimised one).
+    pub fn graph_of_ci(
+        &self,
+        prompt_id: Option<i64>,
+        ci: &PromptCi,
+        params: GraphParams,
+        mean_ci: &dyn Fn(&str) -> Option<f64>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<GraphData, ApiError> {
+        params.check().map_err(ApiError::bad_request)?;
         let th = Thresholds {
             ci: params.ci_threshold,
             output_prob: params.output_prob_threshold,
         };
         let internal = |e: crate::model::RunError| ApiError::internal(e.to_string());
-        let ci = PromptCi::compute(&self.model, tokens).map_err(internal)?;
+        let tokens = &ci.tokens;
         let hidden = Hidden::new(&self.model, params, mean_ci);
         let keep = |e: &Edge| !hidden.hides(e.source, e.c_in) && !hidden.hides(e.target, e.c_out);
         let semantics = params.semantics;
