@@ -2,7 +2,8 @@
 //! context; the original tool's HTTP API (in `server/src/web/http_api.rs`) calls the same service.
 
 use crate::types::{
-    ComponentInfo, GraphData, GraphParams, Meta, PromptPage, PromptRef, SearchResults,
+    ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta, PromptPage,
+    PromptRef, SearchResults, VocabEntry,
 };
 use leptos::prelude::*;
 use leptos::server_fn::codec::Json;
@@ -57,6 +58,37 @@ pub async fn get_component(key: String) -> Result<ComponentInfo, ServerFnError> 
     blocking(move || service.component(&key)).await
 }
 
+/// Runs an intervention on a prompt (or its fork) and keeps it in the prompt's run history.
+#[server(prefix = "/fn", input = Json)]
+pub async fn run_intervention(
+    params: InterventionParams,
+) -> Result<InterventionRun, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.intervene(params)).await
+}
+
+/// The intervention runs kept for a prompt, oldest first.
+#[server(prefix = "/fn", input = Json)]
+pub async fn list_interventions(prompt: PromptRef) -> Result<Vec<InterventionRun>, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.interventions(&prompt)).await
+}
+
+/// Deletes a kept intervention run.
+#[server(prefix = "/fn", input = Json)]
+pub async fn delete_intervention(id: i64) -> Result<(), ServerFnError> {
+    let service = service()?;
+    blocking(move || service.delete_intervention(id)).await
+}
+
+/// Vocabulary entries whose text contains `query` (case-insensitive; `#id` finds an id), shortest
+/// first.
+#[server(prefix = "/fn", input = Json)]
+pub async fn search_vocab(query: String, limit: usize) -> Result<Vec<VocabEntry>, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.vocab(&query, limit)).await
+}
+
 #[cfg(feature = "ssr")]
 pub use backend::{ApiError, Explorer, ExplorerHandle, GraphFuture};
 
@@ -95,7 +127,8 @@ fn respond<T>(result: Result<T, ApiError>) -> Result<T, ServerFnError> {
 #[cfg(feature = "ssr")]
 mod backend {
     use crate::types::{
-        ComponentInfo, GraphData, GraphParams, Meta, PromptPage, PromptRef, SearchResults,
+        ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta,
+        PromptPage, PromptRef, SearchResults, VocabEntry,
     };
     use std::future::Future;
     use std::pin::Pin;
@@ -123,6 +156,10 @@ mod backend {
             limit: usize,
         ) -> Result<SearchResults, ApiError>;
         fn component(&self, key: &str) -> Result<ComponentInfo, ApiError>;
+        fn intervene(&self, params: InterventionParams) -> Result<InterventionRun, ApiError>;
+        fn interventions(&self, prompt: &PromptRef) -> Result<Vec<InterventionRun>, ApiError>;
+        fn delete_intervention(&self, id: i64) -> Result<(), ApiError>;
+        fn vocab(&self, query: &str, limit: usize) -> Result<Vec<VocabEntry>, ApiError>;
     }
 
     /// The service as the server provides it in Leptos context.

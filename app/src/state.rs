@@ -13,6 +13,8 @@ pub struct ViewState {
     pub prompt: PromptRef,
     /// Pinned components, `"layer:c"`, in pin order.
     pub pins: Vec<String>,
+    /// Nodes selected for an intervention, `"layer:pos:c"`, in selection order.
+    pub selected: Vec<String>,
     pub top_k: usize,
     pub params: GraphParams,
     pub layout: LayoutMode,
@@ -26,6 +28,7 @@ impl Default for ViewState {
         ViewState {
             prompt: PromptRef::Stored(1),
             pins: vec![],
+            selected: vec![],
             top_k: DEFAULT_TOP_K,
             params: GraphParams::default(),
             layout: LayoutMode::Jittered,
@@ -59,6 +62,9 @@ impl ViewState {
         }
         if !self.pins.is_empty() {
             parts.push(("pins", self.pins.join(",")));
+        }
+        if !self.selected.is_empty() {
+            parts.push(("sel", self.selected.join(",")));
         }
         if self.top_k != d.top_k {
             parts.push(("topk", self.top_k.to_string()));
@@ -112,6 +118,13 @@ impl ViewState {
                     s.pins = v
                         .split(',')
                         .filter(|p| p.contains(':'))
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "sel" => {
+                    s.selected = v
+                        .split(',')
+                        .filter(|p| p.matches(':').count() == 2)
                         .map(str::to_owned)
                         .collect()
                 }
@@ -197,6 +210,7 @@ mod tests {
         let s = ViewState {
             prompt: PromptRef::Text("Tom said \"hi\" & left, 100% sure+".into()),
             pins: vec!["h.0.attn.k_proj:12".into(), "output:431".into()],
+            selected: vec!["h.1.mlp.c_fc:3:7".into(), "wte:0:0".into()],
             top_k: 500,
             params: GraphParams {
                 ci_threshold: 0.25,
@@ -218,7 +232,7 @@ mod tests {
     #[test]
     fn malformed_values_keep_their_defaults() {
         let s = ViewState::from_query(
-            "prompt=x&topk=-3&ci=abc&layout=spiral&view=0,1,2&pins=bad,,wte:0&zzz",
+            "prompt=x&topk=-3&ci=abc&layout=spiral&view=0,1,2&pins=bad,,wte:0&sel=a:1,b:2:3&zzz",
         );
         let d = ViewState::default();
         assert_eq!(s.prompt, d.prompt);
@@ -227,6 +241,7 @@ mod tests {
         assert_eq!(s.layout, d.layout);
         assert_eq!((s.zoom, s.pan), (d.zoom, d.pan));
         assert_eq!(s.pins, vec!["wte:0".to_owned()]);
+        assert_eq!(s.selected, vec!["b:2:3".to_owned()]);
         assert_eq!(decode("%zz%4"), "%zz%4");
     }
 }

@@ -23,6 +23,9 @@ pub struct GraphData {
     pub params: GraphParams,
     /// Output nodes: the predicted token and its probability (CI-masked model), by node key.
     pub outputs: Vec<OutputNode>,
+    /// For a graph of optimised CI: how it was optimised and how well.
+    #[serde(default)]
+    pub optimization: Option<OptimizationInfo>,
 }
 
 /// An alive output node: token `token_id` at position `seq` with probability `prob`.
@@ -372,4 +375,171 @@ mod tests {
         let json = serde_json::to_string(&g).unwrap();
         assert_eq!(serde_json::from_str::<GraphData>(&json).unwrap(), g);
     }
+}
+
+/// What an intervention does to the selected nodes (SPEC §7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterventionMode {
+    /// Only the selected nodes on (mask 1), every other component off, no weight deltas.
+    #[default]
+    Keep,
+    /// The selected nodes off, the rest as the graph's forward has them.
+    Ablate,
+    /// The selected nodes times a factor, the rest as the graph's forward has them.
+    Scale,
+}
+
+impl InterventionMode {
+    pub const ALL: [InterventionMode; 3] = [Self::Keep, Self::Ablate, Self::Scale];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Ablate => "ablate",
+            Self::Scale => "scale",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// An intervention the page asks for: nodes `layer:pos:c` (or `layer:c` at every position).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterventionParams {
+    pub prompt: PromptRef,
+    pub nodes: Vec<String>,
+    pub mode: InterventionMode,
+    /// The factor of `Scale` (ignored otherwise).
+    pub factor: f32,
+    pub top_k: usize,
+    /// A fork's token swaps, `(position, token id)`.
+    pub replacements: Vec<(usize, u32)>,
+    /// The graph forward `Ablate` and `Scale` start from.
+    pub semantics: Semantics,
+}
+
+/// A candidate next token at one position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRow {
+    pub token: String,
+    pub id: u32,
+    /// Under the intervention.
+    pub prob: f32,
+    pub target_prob: f32,
+    pub ci_masked_prob: f32,
+}
+
+/// An intervention's result, as kept in the prompt's run history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterventionRun {
+    /// Its id in the notes file (`None` where the server could not keep it).
+    pub id: Option<i64>,
+    pub params: InterventionParams,
+    /// The (forked) prompt's tokens.
+    pub tokens: Vec<String>,
+    /// Per position, the top-k tokens by intervened probability.
+    pub rows: Vec<Vec<PredictionRow>>,
+    /// Per position, the target model's most probable token.
+    pub target_top: Vec<TopToken>,
+    /// Per position, `KL(target ‖ intervened)`.
+    pub kl: Vec<f64>,
+}
+
+impl InterventionRun {
+    /// Positions where the intervened model's most probable token differs from the target's.
+    pub fn changed_argmax(&self) -> Vec<bool> {
+        self.rows
+            .iter()
+            .zip(&self.target_top)
+            .map(|(row, t)| row.first().is_some_and(|r| r.id != t.id))
+            .collect()
+    }
+}
+
+/// A model's most probable token at a position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopToken {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+}
+
+/// A vocabulary entry found by a token search.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VocabEntry {
+    pub id: u32,
+    pub token: String,
+}
+
+/// What the optimised CI keeps at its position: a label token's cross-entropy, or the target's
+/// distribution (KL).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimLoss {
+    #[default]
+    Ce,
+    Kl,
+}
+
+/// The masks of the optimisation's reconstruction forward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimMask {
+    #[default]
+    Ci,
+    Stochastic,
+}
+
+/// An optimised graph's request (SPEC §7): CI re-optimised so that the label stays predicted at
+/// `position` with as few components as the sparsity coefficient allows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizeSpec {
+    pub loss: OptimLoss,
+    /// The label token (CE).
+    pub label: u32,
+    pub position: usize,
+    pub imp_min_coeff: f32,
+    pub steps: usize,
+    pub pnorm: f32,
+    pub beta: f32,
+    pub mask: OptimMask,
+    /// Adversarial PGD steps (0: none) and step size.
+    pub pgd_steps: usize,
+    pub pgd_step_size: f32,
+}
+
+impl Default for OptimizeSpec {
+    fn default() -> Self {
+        OptimizeSpec {
+            loss: OptimLoss::Ce,
+            label: 0,
+            position: 0,
+            imp_min_coeff: 1e-3,
+            steps: 100,
+            pnorm: 0.3,
+            beta: 0.0,
+            mask: OptimMask::Ci,
+            pgd_steps: 0,
+            pgd_step_size: 0.1,
+        }
+    }
+}
+
+/// What an optimised graph reports beside its edges.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizationInfo {
+    pub spec: OptimizeSpec,
+    /// The label's string.
+    pub label_str: String,
+    /// The label's probability under the optimised CI mask (CE only).
+    pub ci_masked_label_prob: Option<f32>,
+    pub stoch_masked_label_prob: Option<f32>,
+    pub adv_pgd_label_prob: Option<f32>,
+    /// Σ over modules of the mean number of components with CI > 0 per position.
+    pub l0_total: f64,
+    /// The same before the optimisation (the model's own CI over the same positions).
+    pub l0_before: f64,
 }

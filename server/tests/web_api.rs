@@ -647,3 +647,77 @@ async fn optimized_graphs_stream_progress_then_the_graph() {
         assert!(body.contains(msg), "{query}: {body}");
     }
 }
+
+/// The page's intervention server functions: a run is kept in the notes file beside the database
+/// (never in the database), listed per prompt, deleted; the vocabulary search finds tokens.
+#[tokio::test]
+async fn intervention_runs_are_kept_beside_the_database() {
+    use app::api::{DeleteIntervention, ListInterventions, RunIntervention, SearchVocab};
+    use app::types::{InterventionMode, InterventionParams, InterventionRun, VocabEntry};
+    let prompt = PromptRef::Stored(4);
+    let before: Vec<InterventionRun> =
+        call_ok(ListInterventions::PATH, json!({"prompt": prompt})).await;
+    let params = InterventionParams {
+        prompt: prompt.clone(),
+        nodes: vec!["h.0.mlp.c_fc:1:2".into(), "h.1.attn.v_proj:0".into()],
+        mode: InterventionMode::Ablate,
+        factor: 1.0,
+        top_k: 3,
+        replacements: vec![(0, 5)],
+        semantics: app::types::Semantics::Seed,
+    };
+    let run: InterventionRun = call_ok(RunIntervention::PATH, json!({"params": params})).await;
+    let id = run.id.expect("kept");
+    assert_eq!(run.params, params);
+    assert_eq!(run.rows[0].len(), 3);
+    assert_eq!(run.rows.len(), run.tokens.len());
+    assert_eq!(run.target_top.len(), run.tokens.len());
+    let after: Vec<InterventionRun> =
+        call_ok(ListInterventions::PATH, json!({"prompt": prompt})).await;
+    assert_eq!(after.len(), before.len() + 1);
+    assert_eq!(after.last().unwrap(), &run);
+    // Other prompts do not see it.
+    let other: Vec<InterventionRun> = call_ok(
+        ListInterventions::PATH,
+        json!({"prompt": PromptRef::Stored(5)}),
+    )
+    .await;
+    assert!(other.iter().all(|r| r.id != Some(id)));
+    // The notes file sits beside the database.
+    let Prompts::Db { path, .. } = &site().service.data().prompts else {
+        panic!("a database")
+    };
+    assert!(server::store::notes::sidecar_path(path).exists());
+
+    let () = call_ok(DeleteIntervention::PATH, json!({"id": id})).await;
+    let (status, _) = call(DeleteIntervention::PATH, json!({"id": id})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let bad = InterventionParams {
+        nodes: vec!["h.0.mlp.c_fc:99:0".into()],
+        ..params
+    };
+    let (status, body) = call(RunIntervention::PATH, json!({"params": bad})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("out of range"), "{body}");
+
+    let tokens = &run.tokens;
+    let word = tokens
+        .iter()
+        .find(|t| t.trim().len() > 2)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let hits: Vec<VocabEntry> = call_ok(
+        SearchVocab::PATH,
+        json!({"query": word.to_uppercase(), "limit": 10}),
+    )
+    .await;
+    assert!(
+        hits.iter().any(|h| h.token.trim() == word),
+        "{word}: {hits:?}"
+    );
+    let by_id: Vec<VocabEntry> =
+        call_ok(SearchVocab::PATH, json!({"query": "#3", "limit": 10})).await;
+    assert_eq!(by_id.len(), 1);
+    assert_eq!(by_id[0].id, 3);
+}

@@ -18,6 +18,8 @@ const WTE: &str = "#6b7280";
 const PIN: &str = "#f59e0b";
 const HOVER: &str = "#111827";
 const GRID: &str = "#e5e7eb";
+/// The ring of a node selected for an intervention.
+const SELECTED: &str = "#16a34a";
 const TEXT: &str = "#374151";
 /// The faintest edge stays visible.
 const MIN_ALPHA: f64 = 0.08;
@@ -30,6 +32,8 @@ pub struct Highlight {
     pub hovered_edge: Option<usize>,
     /// Nodes of pinned components.
     pub pinned: Vec<usize>,
+    /// Nodes selected for an intervention.
+    pub selected: Vec<usize>,
     /// Nodes whose edges are drawn strongly while the others fade.
     pub focus: Vec<usize>,
 }
@@ -159,11 +163,14 @@ pub fn draw(
         let _ = ctx.arc(p.x, p.y, layout.radii[i], 0.0, std::f64::consts::TAU);
         ctx.fill();
     }
-    for (list, colour, width) in [(&hl.pinned, PIN, 2.0)] {
+    for (list, colour, width, gap) in [
+        (&hl.pinned, PIN, 2.0, 2.0),
+        (&hl.selected, SELECTED, 2.0, 4.5),
+    ] {
         ctx.set_stroke_style_str(colour);
         ctx.set_line_width(width * line_scale);
         for &i in list {
-            ring(ctx, layout, i, 2.0);
+            ring(ctx, layout, i, gap);
         }
     }
     if let Some(i) = hl.hovered_node {

@@ -16,6 +16,18 @@ struct Drag {
     start: (f64, f64),
     last: (f64, f64),
     moved: bool,
+    /// Shift held at the press: the drag draws a selection box instead of panning.
+    select: bool,
+}
+
+/// The corners of a drag's box, `(left, top, right, bottom)` in CSS pixels.
+fn drag_box(d: &Drag) -> (f64, f64, f64, f64) {
+    (
+        d.start.0.min(d.last.0),
+        d.start.1.min(d.last.1),
+        d.start.0.max(d.last.0),
+        d.start.1.max(d.last.1),
+    )
 }
 
 #[component]
@@ -40,17 +52,17 @@ pub fn GraphView() -> AnyView {
     });
     let _resize = window_event_listener(leptos::ev::resize, move |_| measure());
 
-    // Redraw when the graph, layout, view, hover or pins change; nothing else triggers a paint.
+    // Redraw when the graph, layout, view, hover, pins or selection change; nothing else paints.
     Effect::new(move || {
         let hover = ctx.hover.get();
-        let pins = ctx.view.with(|v| v.pins.clone());
+        let (pins, selected) = ctx.view.with(|v| (v.pins.clone(), v.selected.clone()));
         let vp = viewport();
         let Some(el) = canvas.get() else { return };
         ctx.graph.with(|g| {
             ctx.scene.with(|s| {
                 ctx.layout.with(|l| {
                     if let (Some(g), Some(s), Some(l)) = (g, s, l) {
-                        paint(&el, g, s, l, vp, hover, &pins);
+                        paint(&el, g, s, l, vp, hover, &pins, &selected);
                     }
                 })
             })
@@ -88,6 +100,9 @@ pub fn GraphView() -> AnyView {
                 d.moved = true;
             }
             drag.set(Some(d));
+            if d.moved && d.select {
+                return;
+            }
             if d.moved {
                 ctx.view
                     .update(|v| v.set_viewport(v.viewport().pan_by(dx, dy)));
@@ -115,6 +130,7 @@ pub fn GraphView() -> AnyView {
             start: p,
             last: p,
             moved: false,
+            select: ev.shift_key(),
         }));
     };
     let on_up = move |ev: leptos::ev::MouseEvent| {
@@ -122,14 +138,46 @@ pub fn GraphView() -> AnyView {
             return;
         };
         drag.set(None);
+        if d.moved && d.select {
+            // Every component node inside the box joins the selection.
+            let (x0, y0, x1, y1) = drag_box(&d);
+            let vp = viewport();
+            let inside: Vec<String> = ctx.graph.with_untracked(|g| {
+                ctx.layout.with_untracked(|l| {
+                    let (Some(g), Some(l)) = (g, l) else {
+                        return vec![];
+                    };
+                    (0..g.nodes.len())
+                        .filter(|&i| {
+                            l.points[i].is_some_and(|p| {
+                                let p = vp.to_screen(p);
+                                p.x >= x0 && p.x <= x1 && p.y >= y0 && p.y <= y1
+                            })
+                        })
+                        .map(|i| g.nodes[i].key.clone())
+                        .collect()
+                })
+            });
+            ctx.select(inside);
+            return;
+        }
         if d.moved {
             return;
         }
         let h = hit_test(f64::from(ev.offset_x()), f64::from(ev.offset_y()));
-        if let Hover::Node(i) = h
-            && let Some(c) = ctx
-                .scene
-                .with_untracked(|s| s.as_ref().and_then(|s| s.component.get(i).cloned()))
+        let Hover::Node(i) = h else { return };
+        if ev.shift_key() {
+            // Shift-click selects the node for an intervention; a click pins its component.
+            if let Some(key) = ctx.graph.with_untracked(|g| {
+                g.as_ref()
+                    .and_then(|g| g.nodes.get(i).map(|n| n.key.clone()))
+            }) && super::page::selectable(&key)
+            {
+                ctx.toggle_selected(&key);
+            }
+        } else if let Some(c) = ctx
+            .scene
+            .with_untracked(|s| s.as_ref().and_then(|s| s.component.get(i).cloned()))
         {
             ctx.toggle_pin(&c);
         }
@@ -149,7 +197,9 @@ pub fn GraphView() -> AnyView {
             .update(|v| v.set_viewport(v.viewport().zoom_at(at, factor)));
     };
 
+    let selecting = move || drag.get().filter(|d| d.select && d.moved);
     let cursor = move || match (drag.get().is_some_and(|d| d.moved), ctx.hover.get()) {
+        (true, _) if selecting().is_some() => "crosshair",
         (true, _) => "grabbing",
         (false, Hover::Node(_)) => "pointer",
         _ => "grab",
@@ -172,6 +222,14 @@ pub fn GraphView() -> AnyView {
                 on:mouseleave=on_leave
                 on:wheel=on_wheel
             ></canvas>
+            {move || selecting().map(|d| {
+                let (x0, y0, x1, y1) = drag_box(&d);
+                view! {
+                    <div class="select-box" style=format!(
+                        "left:{x0}px;top:{y0}px;width:{}px;height:{}px", x1 - x0, y1 - y0
+                    )></div>
+                }
+            })}
             <HoverCard />
         </div>
     }
@@ -179,6 +237,7 @@ pub fn GraphView() -> AnyView {
 }
 
 #[cfg(feature = "hydrate")]
+#[allow(clippy::too_many_arguments)]
 fn paint(
     el: &leptos::web_sys::HtmlCanvasElement,
     g: &crate::types::GraphData,
@@ -187,6 +246,7 @@ fn paint(
     vp: Viewport,
     hover: Hover,
     pins: &[String],
+    selected: &[String],
 ) {
     use crate::canvas::draw;
     let Some((ctx2d, w, h)) = draw::fit_canvas(el, l.height) else {
@@ -194,8 +254,13 @@ fn paint(
         return;
     };
     let pinned = s.nodes_of(pins);
+    let selected: Vec<usize> = selected
+        .iter()
+        .filter_map(|k| s.index.get(k).copied())
+        .collect();
     let mut hl = draw::Highlight {
         pinned: pinned.clone(),
+        selected: selected.clone(),
         ..Default::default()
     };
     match hover {
@@ -229,8 +294,30 @@ fn paint(
         .take(20)
         .chain(pinned.iter().filter_map(|&i| on_screen(i)))
         .collect();
+    let _ = el.set_attribute(
+        "data-selected",
+        &format!(
+            "[{}]",
+            selected
+                .iter()
+                .filter_map(|&i| on_screen(i))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    );
     let _ = el.set_attribute("data-probe", &format!("[{}]", probe.join(",")));
 }
 
 #[cfg(not(feature = "hydrate"))]
-fn paint<A, B, C, D>(_: &A, _: &B, _: &C, _: &D, _: Viewport, _: Hover, _: &[String]) {}
+#[allow(clippy::too_many_arguments)]
+fn paint<A, B, C, D>(
+    _: &A,
+    _: &B,
+    _: &C,
+    _: &D,
+    _: Viewport,
+    _: Hover,
+    _: &[String],
+    _: &[String],
+) {
+}

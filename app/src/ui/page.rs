@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use leptos::prelude::*;
 
-use super::{graph_view::GraphView, pins::PinsPanel, sidebar::Sidebar};
+use super::{circuit::CircuitPanel, graph_view::GraphView, pins::PinsPanel, sidebar::Sidebar};
 use crate::api::{get_component, get_graph, get_meta};
 use crate::canvas::layout::Layout;
 use crate::canvas::scene::Scene;
@@ -75,6 +75,49 @@ impl Ctx {
         });
     }
 
+    /// Adds a node (`"layer:pos:c"`) to the intervention selection, or removes it.
+    pub fn toggle_selected(&self, node: &str) {
+        self.view.update(|v| {
+            if let Some(i) = v.selected.iter().position(|p| p == node) {
+                v.selected.remove(i);
+            } else {
+                v.selected.push(node.to_owned());
+            }
+        });
+    }
+
+    /// Adds component nodes to the selection (keeping its order, no duplicates).
+    pub fn select(&self, nodes: impl IntoIterator<Item = String>) {
+        self.view.update(|v| {
+            for n in nodes {
+                if selectable(&n) && !v.selected.contains(&n) {
+                    v.selected.push(n);
+                }
+            }
+        });
+    }
+
+    /// Selects every component node an edge drawn now touches.
+    pub fn select_drawn(&self) {
+        let keys: Vec<String> = self.graph.with_untracked(|g| {
+            self.scene.with_untracked(|s| {
+                let (Some(g), Some(s)) = (g, s) else {
+                    return vec![];
+                };
+                let mut on = vec![false; g.nodes.len()];
+                for e in &s.edges {
+                    on[e.src] = true;
+                    on[e.tgt] = true;
+                }
+                (0..g.nodes.len())
+                    .filter(|&i| on[i])
+                    .map(|i| g.nodes[i].key.clone())
+                    .collect()
+            })
+        });
+        self.select(keys);
+    }
+
     pub fn toggle_pin(&self, component: &str) {
         self.view.update(|v| {
             if let Some(i) = v.pins.iter().position(|p| p == component) {
@@ -85,6 +128,11 @@ impl Ctx {
         });
         self.want_info(component);
     }
+}
+
+/// Whether a node can be intervened on: components, not the embedding or the outputs.
+pub fn selectable(node: &str) -> bool {
+    !node.starts_with("wte:") && !node.starts_with("output:")
 }
 
 #[component]
@@ -215,7 +263,10 @@ pub fn GraphPage() -> AnyView {
             <section class="main">
                 <StatusLine />
                 <GraphView />
-                <PinsPanel />
+                <div class="panels">
+                    <CircuitPanel />
+                    <PinsPanel />
+                </div>
             </section>
         </div>
     }
@@ -326,7 +377,10 @@ fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
     match ev.key().as_str() {
         "Escape" => {
             ctx.hover.set(Hover::None);
-            ctx.view.update(|v| v.pins.clear());
+            ctx.view.update(|v| {
+                v.pins.clear();
+                v.selected.clear();
+            });
         }
         "/" if !typing => {
             ev.prevent_default();

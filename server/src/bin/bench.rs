@@ -198,6 +198,63 @@ fn app_vs_seed(
     }
 }
 
+/// The intervention forward's latency and one optimisation step's time (CE on the last position's
+/// most probable token, CI masks, the app's settings) at each prompt length.
+fn circuit(model: &SpdModel, what: &str, lens: &[usize], rng: &mut Rng, reps: usize) {
+    use server::circuit::{Intervention, Mode, OptimConfig, Selected, intervene, optimize};
+    println!("\n{what}: intervention forward (keep 5 nodes, top 10) and CI optimisation steps:");
+    println!(
+        "{:>8} {:>16} {:>14} {:>10}",
+        "tokens", "intervention_ms", "optim_step_ms", "alive"
+    );
+    for &n in lens {
+        let n = n.min(model.block_size());
+        let tokens: Vec<u32> = (0..n)
+            .map(|_| rng.below(model.vocab_size()) as u32)
+            .collect();
+        let ci = PromptCi::compute(model, &tokens).expect("ci");
+        let selected: Vec<Selected> = (0..5)
+            .map(|i| Selected {
+                module: i % model.modules.len(),
+                pos: Some(i % n),
+                c: i,
+            })
+            .collect();
+        let iv = Intervention {
+            selected,
+            mode: Mode::Keep,
+            semantics: Semantics::Seed,
+            top_k: 10,
+        };
+        let iv_s = median_secs(reps, || {
+            intervene(model, &ci, &iv).expect("intervention");
+        });
+        let last = &ci.target_probs[n - 1];
+        let label = (0..last.len())
+            .max_by(|a, b| last[*a].total_cmp(&last[*b]))
+            .unwrap_or(0) as u32;
+        let steps = 10;
+        let cfg = OptimConfig::ce(n - 1, label, steps, 1e-3, 0.3);
+        let step_s = median_secs(reps.min(3), || {
+            optimize(model, &ci, &cfg, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("optimize");
+        }) / steps as f64;
+        let alive: usize = ci
+            .lower
+            .iter()
+            .flatten()
+            .map(|r| r.iter().filter(|v| **v > 0.0).count())
+            .sum();
+        println!(
+            "{n:>8} {:>16.2} {:>14.2} {alive:>10}",
+            iv_s * 1e3,
+            step_s * 1e3
+        );
+    }
+}
+
 fn main() {
     let args = Args::parse();
     if args.suite != Suite::Pile {
@@ -466,4 +523,10 @@ fn simple_stories(args: &Args) {
         args.reps,
         !args.skip_reference,
     );
+    circuit(&model, "1.25M bench model", &[16, 32], &mut rng, args.reps);
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/run");
+    match SpdModel::load(&demo, &candle_core::Device::Cpu) {
+        Ok(m) => circuit(&m, "demo model", &[16, 32], &mut rng, args.reps),
+        Err(e) => println!("demo model not loaded ({e})"),
+    }
 }

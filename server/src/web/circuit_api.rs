@@ -25,8 +25,8 @@ use super::service::{Data, Service};
 use crate::attribution::PromptCi;
 use crate::circuit::report::{intervention_json, optimization_json};
 use crate::circuit::{
-    Intervention, MaskType, Mode, OptimConfig, Pgd, PgdInit, Recon, Selected, fork, intervene,
-    optimize, optimized_prompt,
+    Intervention, InterventionResult, MaskType, Mode, OptimConfig, Pgd, PgdInit, Recon, Selected,
+    fork, intervene, optimize, optimized_prompt,
 };
 
 pub fn routes<S>(service: Service) -> Router<S> {
@@ -91,37 +91,56 @@ impl Data {
         Ok(tokens)
     }
 
-    /// Runs one intervention; the JSON of [`intervention_json`] plus the request's settings.
-    pub fn intervention(&self, req: &InterventionRequest) -> Result<Value, ApiError> {
+    /// Runs one intervention on `tokens` forked with `replacements`; the result and the forked
+    /// prompt's CI. Every bad input is a 400 naming it.
+    pub fn run_intervention(
+        &self,
+        tokens: &[u32],
+        nodes: &[String],
+        mode: Mode,
+        top_k: usize,
+        replacements: &[(usize, u32)],
+        semantics: Semantics,
+    ) -> Result<(InterventionResult, PromptCi), ApiError> {
         let model = &self.run.model;
-        let tokens =
-            self.request_tokens(req.prompt_id, req.text.as_deref(), req.tokens.as_deref())?;
-        let mode = Mode::parse(&req.mode, req.factor).map_err(ApiError::bad_request)?;
-        let tokens =
-            fork(model, &tokens, &req.token_replacements).map_err(ApiError::bad_request)?;
-        let selected = req
-            .nodes
+        let tokens = fork(model, tokens, replacements).map_err(ApiError::bad_request)?;
+        let selected = nodes
             .iter()
             .map(|k| Selected::parse(k, model, tokens.len()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::bad_request)?;
-        if req.top_k == 0 || req.top_k > model.vocab_size() {
+        if top_k == 0 || top_k > model.vocab_size() {
             return Err(ApiError::bad_request(format!(
-                "top_k must be in 1..={}, not {}",
+                "top_k must be in 1..={}, not {top_k}",
                 model.vocab_size(),
-                req.top_k
             )));
         }
         let internal = |e: crate::model::RunError| ApiError::internal(e.to_string());
         let ci = PromptCi::compute(model, &tokens).map_err(internal)?;
-        let semantics = req.semantics.unwrap_or_default();
         let iv = Intervention {
             selected,
             mode,
             semantics,
-            top_k: req.top_k,
+            top_k,
         };
         let out = intervene(model, &ci, &iv).map_err(internal)?;
+        Ok((out, ci))
+    }
+
+    /// Runs one intervention; the JSON of [`intervention_json`] plus the request's settings.
+    pub fn intervention(&self, req: &InterventionRequest) -> Result<Value, ApiError> {
+        let tokens =
+            self.request_tokens(req.prompt_id, req.text.as_deref(), req.tokens.as_deref())?;
+        let mode = Mode::parse(&req.mode, req.factor).map_err(ApiError::bad_request)?;
+        let semantics = req.semantics.unwrap_or_default();
+        let (out, _) = self.run_intervention(
+            &tokens,
+            &req.nodes,
+            mode,
+            req.top_k,
+            &req.token_replacements,
+            semantics,
+        )?;
         let mut doc = intervention_json(&out, mode, &|t| self.run.token_string(t));
         let map = doc.as_object_mut().expect("an object");
         map.insert("nodes".into(), json!(req.nodes));

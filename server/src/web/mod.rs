@@ -2,6 +2,7 @@
 //! service behind both.
 
 pub mod circuit_api;
+pub mod history;
 pub mod http_api;
 pub mod jobs;
 pub mod routes;

@@ -188,7 +188,7 @@ impl Run {
             Some(f) if !whole_graph => f
                 .strongest_graph_with(
                     &self.model,
-                    &ci,
+                    ci,
                     th,
                     semantics,
                     max_outputs,
@@ -200,12 +200,12 @@ impl Run {
             engine => {
                 let mut g = match engine {
                     Some(f) => f
-                        .graph_with(&self.model, &ci, th, semantics, max_outputs)
+                        .graph_with(&self.model, ci, th, semantics, max_outputs)
                         .map_err(internal)?,
                     _ => reference_graph_with(
                         &self.model,
                         &self.sources,
-                        &ci,
+                        ci,
                         th,
                         semantics,
                         max_outputs,
@@ -225,7 +225,7 @@ impl Run {
             &self.model,
             prompt_id,
             strings,
-            &ci,
+            ci,
             &graph,
             total,
             params,
@@ -349,6 +349,7 @@ pub fn to_wire(
         edge_cap: MAX_EDGES,
         params,
         outputs,
+        optimization: None,
     }
 }
 

@@ -14,6 +14,7 @@ use rusqlite::Connection;
 
 use super::jobs::GraphJobs;
 use super::run::Run;
+use crate::store::notes::Notes;
 use crate::store::queries;
 
 /// Longest page of prompts or search results one request returns.
@@ -100,14 +101,34 @@ pub struct Data {
     pub prompts: Prompts,
     /// Mean CI per component key (`"layer:c"`), read from the database on first use.
     mean_ci: OnceLock<HashMap<String, f64>>,
+    /// The sidecar notes file beside the database (in memory without one).
+    pub notes: Mutex<Notes>,
+    /// Every token's string, made on the first vocabulary search.
+    pub(super) vocab: OnceLock<Vec<String>>,
+}
+
+/// The notes beside the database: `<db>.notes.sqlite`; in memory without a database, or where the
+/// file cannot be written (said in the log).
+fn open_notes(prompts: &Prompts) -> Notes {
+    if let Prompts::Db { path, .. } = prompts {
+        let sidecar = crate::store::notes::sidecar_path(path);
+        match Notes::open(&sidecar) {
+            Ok(n) => return n,
+            Err(e) => tracing::warn!("{e}; intervention runs are kept in memory only"),
+        }
+    }
+    Notes::in_memory().expect("an in-memory SQLite database opens")
 }
 
 impl Service {
     pub fn new(run: Run, prompts: Prompts) -> Self {
+        let notes = Mutex::new(open_notes(&prompts));
         let data = Arc::new(Data {
             run,
             prompts,
             mean_ci: OnceLock::new(),
+            notes,
+            vocab: OnceLock::new(),
         });
         let worker_data = Arc::clone(&data);
         let jobs = GraphJobs::start(Arc::new(
@@ -490,6 +511,28 @@ impl Explorer for Service {
                 })
                 .collect(),
         })
+    }
+
+    fn intervene(
+        &self,
+        params: app::types::InterventionParams,
+    ) -> Result<app::types::InterventionRun, ApiError> {
+        self.data.intervene(params)
+    }
+
+    fn interventions(
+        &self,
+        prompt: &PromptRef,
+    ) -> Result<Vec<app::types::InterventionRun>, ApiError> {
+        self.data.interventions(prompt)
+    }
+
+    fn delete_intervention(&self, id: i64) -> Result<(), ApiError> {
+        self.data.delete_intervention(id)
+    }
+
+    fn vocab(&self, query: &str, limit: usize) -> Result<Vec<app::types::VocabEntry>, ApiError> {
+        self.data.vocab(query, limit)
     }
 
     fn component(&self, key: &str) -> Result<ComponentInfo, ApiError> {

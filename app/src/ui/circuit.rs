@@ -1,0 +1,284 @@
+//! Testing a circuit: run the model with the selected nodes kept, ablated or scaled (on the prompt,
+//! or a fork of it with tokens swapped), see each position's top tokens beside the target's, and
+//! keep the runs of the prompt (the server stores them in its notes file).
+
+use leptos::prelude::*;
+
+use super::page::{Ctx, server_message};
+use crate::api::{delete_intervention, list_interventions, run_intervention, search_vocab};
+use crate::types::{InterventionMode, InterventionParams, InterventionRun, PromptRef, VocabEntry};
+
+const TOP_K: usize = 5;
+
+#[component]
+pub fn CircuitPanel() -> AnyView {
+    let ctx = expect_context::<Ctx>();
+    let mode = RwSignal::new(InterventionMode::Keep);
+    let factor = RwSignal::new(2.0f32);
+    let runs: RwSignal<Vec<InterventionRun>> = RwSignal::new(vec![]);
+    let shown: RwSignal<Option<usize>> = RwSignal::new(None);
+    let error: RwSignal<Option<String>> = RwSignal::new(None);
+    let busy = RwSignal::new(false);
+    // The fork being built: swaps (position, token id, token string).
+    let swaps: RwSignal<Vec<(usize, u32, String)>> = RwSignal::new(vec![]);
+    let fork_pos = RwSignal::new(0usize);
+    let vocab_query = RwSignal::new(String::new());
+    let vocab_hits: RwSignal<Vec<VocabEntry>> = RwSignal::new(vec![]);
+
+    let prompt = Memo::new(move |_| ctx.view.with(|v| v.prompt.clone()));
+    // The history follows the prompt.
+    Effect::new(move || {
+        let p = prompt.get();
+        shown.set(None);
+        swaps.set(vec![]);
+        leptos::task::spawn_local(async move {
+            match list_interventions(p.clone()).await {
+                Ok(list) if prompt.get_untracked() == p => {
+                    let last = list.len().checked_sub(1);
+                    runs.set(list);
+                    shown.set(last);
+                }
+                Ok(_) => {}
+                Err(e) => error.set(Some(server_message(&e))),
+            }
+        });
+    });
+    Effect::new(move || {
+        let q = vocab_query.get();
+        if q.trim().is_empty() {
+            vocab_hits.set(vec![]);
+            return;
+        }
+        leptos::task::spawn_local(async move {
+            if let Ok(hits) = search_vocab(q.clone(), 12).await
+                && vocab_query.get_untracked() == q
+            {
+                vocab_hits.set(hits);
+            }
+        });
+    });
+
+    let run = move |fork: bool| {
+        let nodes = ctx.view.with_untracked(|v| v.selected.clone());
+        let params = InterventionParams {
+            prompt: prompt.get_untracked(),
+            nodes,
+            mode: mode.get_untracked(),
+            factor: factor.get_untracked(),
+            top_k: TOP_K,
+            replacements: if fork {
+                swaps.with_untracked(|s| s.iter().map(|(p, t, _)| (*p, *t)).collect())
+            } else {
+                vec![]
+            },
+            semantics: ctx.view.with_untracked(|v| v.params.semantics),
+        };
+        busy.set(true);
+        error.set(None);
+        leptos::task::spawn_local(async move {
+            let result = run_intervention(params).await;
+            busy.set(false);
+            match result {
+                Ok(r) => {
+                    runs.update(|v| v.push(r));
+                    shown.set(Some(runs.with_untracked(Vec::len) - 1));
+                }
+                Err(e) => error.set(Some(server_message(&e))),
+            }
+        });
+    };
+    let remove = move |i: usize| {
+        let Some(id) = runs.with_untracked(|v| v.get(i).and_then(|r| r.id)) else {
+            runs.update(|v| {
+                v.remove(i);
+            });
+            shown.set(None);
+            return;
+        };
+        leptos::task::spawn_local(async move {
+            match delete_intervention(id).await {
+                Ok(()) => {
+                    runs.update(|v| v.retain(|r| r.id != Some(id)));
+                    shown.set(runs.with_untracked(|v| v.len().checked_sub(1)));
+                }
+                Err(e) => error.set(Some(server_message(&e))),
+            }
+        });
+    };
+
+    let n_selected = move || ctx.view.with(|v| v.selected.len());
+    let tokens = move || {
+        ctx.graph
+            .with(|g| g.as_ref().map(|g| g.tokens.clone()).unwrap_or_default())
+    };
+    view! {
+        <section class="panel circuit">
+            <h2>"Intervene"</h2>
+            <p class="muted">
+                <span id="selected-count">{move || format!("{} nodes selected", n_selected())}</span>
+                " · shift-click a node or shift-drag a box to select"
+            </p>
+            <div class="buttons">
+                <button id="select-drawn" on:click=move |_| ctx.select_drawn()>"Select all drawn"</button>
+                <button id="clear-selection" on:click=move |_| ctx.view.update(|v| v.selected.clear())>
+                    "Clear selection"
+                </button>
+            </div>
+            <label>
+                "Mode "
+                <select id="iv-mode" on:change=move |ev| {
+                    if let Some(m) = InterventionMode::from_name(&event_target_value(&ev)) {
+                        mode.set(m);
+                    }
+                }>
+                    {InterventionMode::ALL.into_iter().map(|m| view! {
+                        <option value=m.name() selected=move || mode.get() == m>{m.name()}</option>
+                    }).collect_view()}
+                </select>
+            </label>
+            <Show when=move || mode.get() == InterventionMode::Scale>
+                <label>
+                    " factor "
+                    <input id="iv-factor" type="number" step="0.1"
+                        prop:value=move || factor.get().to_string()
+                        on:change=move |ev| {
+                            if let Ok(f) = event_target_value(&ev).parse::<f32>() {
+                                factor.set(f);
+                            }
+                        } />
+                </label>
+            </Show>
+            <div class="buttons">
+                <button id="iv-run" disabled=move || busy.get() on:click=move |_| run(false)>
+                    {move || if busy.get() { "Running…" } else { "Run" }}
+                </button>
+            </div>
+            <details class="fork">
+                <summary>"Fork: swap tokens"</summary>
+                <label>
+                    "Position "
+                    <select id="fork-pos" on:change=move |ev| {
+                        if let Ok(p) = event_target_value(&ev).parse() {
+                            fork_pos.set(p);
+                        }
+                    }>
+                        {move || tokens().into_iter().enumerate().map(|(i, t)| view! {
+                            <option value=i.to_string()>{format!("{i}: {t:?}")}</option>
+                        }).collect_view()}
+                    </select>
+                </label>
+                <input id="fork-token" type="search" placeholder="Search the vocabulary"
+                    prop:value=move || vocab_query.get()
+                    on:input=move |ev| vocab_query.set(event_target_value(&ev)) />
+                <ul class="vocab-hits">
+                    {move || vocab_hits.get().into_iter().map(|h| {
+                        let label = format!("{:?} #{}", h.token, h.id);
+                        view! {
+                            <li class="vocab-hit" data-id=h.id on:click=move |_| {
+                                let p = fork_pos.get_untracked();
+                                swaps.update(|s| {
+                                    s.retain(|(q, _, _)| *q != p);
+                                    s.push((p, h.id, h.token.clone()));
+                                });
+                                vocab_query.set(String::new());
+                            }>{label}</li>
+                        }
+                    }).collect_view()}
+                </ul>
+                <ul class="swaps">
+                    {move || swaps.get().into_iter().map(|(p, id, t)| view! {
+                        <li class="swap">
+                            {format!("position {p} → {t:?} (#{id}) ")}
+                            <button on:click=move |_| swaps.update(|s| s.retain(|(q, _, _)| *q != p))>"×"</button>
+                        </li>
+                    }).collect_view()}
+                </ul>
+                <button id="fork-run" disabled=move || busy.get() || swaps.with(Vec::is_empty)
+                    on:click=move |_| run(true)>"Run on the fork"</button>
+            </details>
+            {move || error.get().map(|e| view! { <p class="error" role="alert">{e}</p> })}
+            <ol class="iv-runs">
+                {move || runs.get().into_iter().enumerate().map(|(i, r)| {
+                    let forked = if r.params.replacements.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · fork of {} token(s)", r.params.replacements.len())
+                    };
+                    let label = format!(
+                        "{} {} node(s){forked}",
+                        r.params.mode.name(),
+                        r.params.nodes.len()
+                    );
+                    view! {
+                        <li class="iv-run" class:current=move || shown.get() == Some(i)>
+                            <span class="iv-run-label" on:click=move |_| shown.set(Some(i))>{label}</span>
+                            " "
+                            <button class="iv-delete" on:click=move |_| remove(i)>"Delete"</button>
+                        </li>
+                    }
+                }).collect_view()}
+            </ol>
+            {move || shown.get().and_then(|i| runs.with(|v| v.get(i).cloned())).map(run_table)}
+        </section>
+    }
+    .into_any()
+}
+
+/// A run's table: per position the input token, the intervened top tokens with their
+/// probabilities beside the target's and the CI-masked model's, the target's own top token and
+/// the KL; positions whose most probable token changed are marked.
+fn run_table(r: InterventionRun) -> AnyView {
+    let changed = r.changed_argmax();
+    let pct = |p: f32| format!("{:.1}%", 100.0 * p);
+    let rows = r
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(s, row)| {
+            let top = row
+                .iter()
+                .map(|p| {
+                    view! {
+                        <div class="pred">
+                            <span class="tok">{format!("{:?}", p.token)}</span>
+                            " "<span class="p-iv">{pct(p.prob)}</span>
+                            " "<span class="p-target muted">{format!("target {}", pct(p.target_prob))}</span>
+                            " "<span class="p-ci muted">{format!("CI {}", pct(p.ci_masked_prob))}</span>
+                        </div>
+                    }
+                })
+                .collect_view();
+            let target = r.target_top.get(s).map_or(String::new(), |t| {
+                format!("{:?} {}", t.token, pct(t.prob))
+            });
+            view! {
+                <tr class:changed=changed.get(s).copied().unwrap_or(false)>
+                    <td class="mono">{s}</td>
+                    <td class="tok">{format!("{:?}", r.tokens.get(s).cloned().unwrap_or_default())}</td>
+                    <td>{top}</td>
+                    <td class="tok">{target}</td>
+                    <td class="mono">{format!("{:.3}", r.kl.get(s).copied().unwrap_or(0.0))}</td>
+                </tr>
+            }
+        })
+        .collect_view();
+    let prompt = match &r.params.prompt {
+        PromptRef::Stored(id) => format!("prompt {id}"),
+        PromptRef::Text(_) => "typed text".to_owned(),
+    };
+    view! {
+        <table class="iv-table">
+            <caption>{format!(
+                "{} of {} node(s) on {prompt}: intervened top {} beside the target's",
+                r.params.mode.name(),
+                r.params.nodes.len(),
+                r.rows.first().map_or(0, Vec::len),
+            )}</caption>
+            <thead>
+                <tr><th>"pos"</th><th>"input"</th><th>"intervened"</th><th>"target top"</th><th>"KL"</th></tr>
+            </thead>
+            <tbody>{rows}</tbody>
+        </table>
+    }
+    .into_any()
+}

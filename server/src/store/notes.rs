@@ -1,0 +1,158 @@
+//! The sidecar notes file (`<db>.notes.sqlite` beside the corpus database, which stays read-only):
+//! what a researcher adds while exploring, kept per model. Today the intervention runs of each
+//! prompt; its tables are this tool's own, created on first open.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Result, StoreError};
+
+/// The notes file that belongs to a corpus database or prompts file.
+pub fn sidecar_path(corpus: &Path) -> PathBuf {
+    let mut name = corpus.as_os_str().to_owned();
+    name.push(".notes.sqlite");
+    PathBuf::from(name)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS intervention_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- the model the run belongs to (its run directory), so one notes file can serve several
+    model TEXT NOT NULL,
+    -- `id:<prompt id>` or `text:<typed text>`
+    prompt TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    request TEXT NOT NULL,
+    result TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_intervention_runs_prompt ON intervention_runs(model, prompt, id);
+";
+
+/// An open notes file.
+pub struct Notes {
+    conn: Connection,
+    pub path: PathBuf,
+}
+
+/// A stored intervention run: the request and the result as the JSON the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRun {
+    pub id: i64,
+    pub created_at: f64,
+    pub request: String,
+    pub result: String,
+}
+
+impl Notes {
+    /// Opens (creating it and its tables if needed) the notes file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// An in-memory notes file (for servers without a corpus file, and tests).
+    pub fn in_memory() -> Result<Self> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn,
+            path: PathBuf::from(":memory:"),
+        })
+    }
+
+    pub fn add_run(&self, model: &str, prompt: &str, request: &str, result: &str) -> Result<i64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.conn.execute(
+            "INSERT INTO intervention_runs (model, prompt, created_at, request, result)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![model, prompt, now, request, result],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The runs of one prompt, oldest first.
+    pub fn runs(&self, model: &str, prompt: &str) -> Result<Vec<StoredRun>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, created_at, request, result FROM intervention_runs
+             WHERE model = ?1 AND prompt = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![model, prompt], |r| {
+            Ok(StoredRun {
+                id: r.get(0)?,
+                created_at: r.get(1)?,
+                request: r.get(2)?,
+                result: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes run `id` of `model`; whether there was one.
+    pub fn delete_run(&self, model: &str, id: i64) -> Result<bool> {
+        let n = self.conn.execute(
+            "DELETE FROM intervention_runs WHERE id = ?1 AND model = ?2",
+            params![id, model],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Run `id` of `model`, if there is one.
+    pub fn run(&self, model: &str, id: i64) -> Result<Option<StoredRun>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, created_at, request, result FROM intervention_runs
+                 WHERE id = ?1 AND model = ?2",
+                params![id, model],
+                |r| {
+                    Ok(StoredRun {
+                        id: r.get(0)?,
+                        created_at: r.get(1)?,
+                        request: r.get(2)?,
+                        result: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_kept_per_model_and_prompt_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("corpus.db");
+        let path = sidecar_path(&db);
+        assert_eq!(path, dir.path().join("corpus.db.notes.sqlite"));
+        let notes = Notes::open(&path).unwrap();
+        let a = notes.add_run("m", "id:1", "{\"a\":1}", "{}").unwrap();
+        let b = notes.add_run("m", "id:1", "{\"a\":2}", "{}").unwrap();
+        notes.add_run("m", "id:2", "{}", "{}").unwrap();
+        notes.add_run("other", "id:1", "{}", "{}").unwrap();
+        drop(notes);
+        let notes = Notes::open(&path).unwrap();
+        let runs = notes.runs("m", "id:1").unwrap();
+        assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(runs[1].request, "{\"a\":2}");
+        assert!(!notes.delete_run("other", a).unwrap(), "another model's id");
+        assert!(notes.delete_run("m", a).unwrap());
+        assert!(!notes.delete_run("m", a).unwrap());
+        assert_eq!(notes.runs("m", "id:1").unwrap().len(), 1);
+        assert_eq!(notes.run("m", b).unwrap().unwrap().id, b);
+        assert!(!db.exists(), "the corpus database is never touched");
+    }
+}
