@@ -267,6 +267,7 @@ fn run_table(r: InterventionRun) -> AnyView {
         PromptRef::Text(_) => "typed text".to_owned(),
     };
     view! {
+        <div class="iv-table-wrap">
         <table class="iv-table">
             <caption>{format!(
                 "{} of {} node(s) on {prompt}: intervened top {} beside the target's",
@@ -279,6 +280,7 @@ fn run_table(r: InterventionRun) -> AnyView {
             </thead>
             <tbody>{rows}</tbody>
         </table>
+        </div>
     }
     .into_any()
 }

@@ -199,17 +199,19 @@ pub fn intervene(
     ci: &PromptCi,
     iv: &Intervention,
 ) -> Result<InterventionResult, RunError> {
+    intervene_with(model, ci, iv, None)
+}
+
+/// [`intervene`], with the CI-masked model's probabilities (`[position][vocab]`) given where the
+/// caller has them (a graph's `masked_probs`), which saves a forward.
+pub fn intervene_with(
+    model: &SpdModel,
+    ci: &PromptCi,
+    iv: &Intervention,
+    ci_masked: Option<&[Vec<f32>]>,
+) -> Result<InterventionResult, RunError> {
     let t = ci.tokens.len();
     let device = model.device();
-    let (masks, with_delta) = masks(model, ci, iv);
-    let to_tensor = |m: &Vec<Vec<f32>>| -> candle_core::Result<Tensor> {
-        let c = m.first().map_or(0, Vec::len);
-        Tensor::from_vec(m.concat(), (1, t, c), &Device::Cpu)?.to_device(device)
-    };
-    let masks: Vec<Tensor> = masks
-        .iter()
-        .map(to_tensor)
-        .collect::<candle_core::Result<_>>()?;
     let tokens = tokens_tensor(&ci.tokens, device)?;
     let rows = |x: Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
         x.squeeze(0)?
@@ -217,14 +219,35 @@ pub fn intervene(
             .to_device(&Device::Cpu)?
             .to_vec2()
     };
-    let logits = model.masked_logits(&tokens, &masks, with_delta)?;
+    let logits = match iv.mode {
+        Mode::Keep => keep_logits(model, &tokens, t, &iv.selected)?,
+        _ => {
+            let (masks, with_delta) = masks(model, ci, iv);
+            let to_tensor = |m: &Vec<Vec<f32>>| -> candle_core::Result<Tensor> {
+                let c = m.first().map_or(0, Vec::len);
+                Tensor::from_vec(m.concat(), (1, t, c), &Device::Cpu)?.to_device(device)
+            };
+            let masks: Vec<Tensor> = masks
+                .iter()
+                .map(to_tensor)
+                .collect::<candle_core::Result<_>>()?;
+            model.masked_logits(&tokens, &masks, with_delta)?
+        }
+    };
     let probs = rows(softmax_last(&logits)?)?;
     let logits = rows(logits)?;
-    let ci_masked = rows(softmax_last(&model.masked_logits(
-        &tokens,
-        &ci.lower_tensors,
-        false,
-    )?)?)?;
+    let computed;
+    let ci_masked = match ci_masked {
+        Some(p) => p,
+        None => {
+            computed = rows(softmax_last(&model.masked_logits(
+                &tokens,
+                &ci.lower_tensors,
+                false,
+            )?)?)?;
+            &computed[..]
+        }
+    };
     let mut predictions = Vec::with_capacity(t);
     let mut kl = Vec::with_capacity(t);
     for s in 0..t {
@@ -261,6 +284,82 @@ pub fn intervene(
         predictions,
         kl,
     })
+}
+
+/// The keep-only forward, touching only the kept components: every other mask is 0, so a module's
+/// output is `Σ_kept a_c U_c + b` with `a_c = x V_c` for the kept columns alone (a few dot products
+/// instead of two `[T, d] × [d, C]` products per module).
+fn keep_logits(
+    model: &SpdModel,
+    tokens: &Tensor,
+    t: usize,
+    selected: &[Selected],
+) -> candle_core::Result<Tensor> {
+    use crate::model::transformer::{Linear, LinearHook, ModuleId, PlainForward};
+    /// Per module: the kept columns and their `[1, T, k]` masks.
+    struct Keep<'a> {
+        model: &'a SpdModel,
+        kept: Vec<Option<(Tensor, Tensor)>>,
+    }
+    impl LinearHook for Keep<'_> {
+        fn linear(
+            &mut self,
+            id: ModuleId,
+            x: &Tensor,
+            linear: &Linear,
+        ) -> candle_core::Result<Tensor> {
+            let Some(i) = self.model.module_index(id) else {
+                return PlainForward.linear(id, x, linear);
+            };
+            let comps = &self.model.modules[i].components;
+            let (b, t, _) = x.dims3()?;
+            let d_out = comps.u.dim(1)?;
+            let out = match &self.kept[i] {
+                Some((cols, mask)) => {
+                    let v = comps.v.index_select(cols, 1)?;
+                    let u = comps.u.index_select(cols, 0)?;
+                    let acts = x.broadcast_matmul(&v)?;
+                    (acts * mask)?.broadcast_matmul(&u)?
+                }
+                None => Tensor::zeros((b, t, d_out), x.dtype(), x.device())?,
+            };
+            match &comps.bias {
+                Some(bias) => out.broadcast_add(bias),
+                None => Ok(out),
+            }
+        }
+    }
+    let device = model.device();
+    let mut per_module: Vec<Vec<usize>> = vec![vec![]; model.modules.len()];
+    for s in selected {
+        if !per_module[s.module].contains(&s.c) {
+            per_module[s.module].push(s.c);
+        }
+    }
+    let mut kept = Vec::with_capacity(per_module.len());
+    for (m, cols) in per_module.iter().enumerate() {
+        if cols.is_empty() {
+            kept.push(None);
+            continue;
+        }
+        let mut mask = vec![0f32; t * cols.len()];
+        for s in selected.iter().filter(|s| s.module == m) {
+            let j = cols.iter().position(|c| *c == s.c).expect("listed above");
+            let positions = match s.pos {
+                Some(p) => p..p + 1,
+                None => 0..t,
+            };
+            for p in positions {
+                mask[p * cols.len() + j] = 1.0;
+            }
+        }
+        let idx: Vec<u32> = cols.iter().map(|c| *c as u32).collect();
+        kept.push(Some((
+            Tensor::from_vec(idx, cols.len(), device)?,
+            Tensor::from_vec(mask, (1, t, cols.len()), device)?,
+        )));
+    }
+    model.target.forward(tokens, &mut Keep { model, kept })
 }
 
 /// `KL(softmax(p) ‖ softmax(q))` of two logit rows, in float64 from log-softmax (so tokens the

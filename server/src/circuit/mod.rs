@@ -7,7 +7,8 @@ pub mod optimize;
 pub mod report;
 
 pub use intervention::{
-    Intervention, InterventionResult, Mode, Prediction, Selected, fork, intervene, kl_divergence,
+    Intervention, InterventionResult, Mode, Prediction, Selected, fork, intervene, intervene_with,
+    kl_divergence,
 };
 pub use optimize::{
     MaskType, Metrics, OptimConfig, OptimError, Optimized, Pgd, PgdInit, Progress, Recon, optimize,
