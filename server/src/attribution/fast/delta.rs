@@ -13,9 +13,10 @@
 //! deltas are all zero has `J = 0` everywhere, so the edges reduce to the one-hop closed forms.
 
 use super::host::{Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
-use super::{Ctx, FastEngine};
+use super::{Ctx, FastEngine, TargetPlan};
+use crate::attribution::layer::Layer;
 use crate::model::SpdModel;
-use crate::model::transformer::{LnSite, MlpKind, ModuleId, ModuleKind};
+use crate::model::transformer::{LnSite, MlpKind, ModuleId, ModuleKind, NormKind};
 
 /// Host copies of the deltas and norm weights the delta paths read. Built on the first graph of
 /// the app's semantics: a copy of every decomposed weight matrix is memory a seed-only server
@@ -106,40 +107,133 @@ fn times_delta(dt: &Mat, g: &[f32], rows: usize, out: &mut [f32]) {
     }
 }
 
+/// A residual reader's edges under the app's semantics, computed for all its positions at once:
+/// the values in the engine's order, `values[offsets[s]..offsets[s + 1]]` for position `s`.
+pub(super) struct PlanValues {
+    pub offsets: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
 impl Ctx<'_> {
-    /// The gradient of `rows` target rows (`g`, `[rows, d]`, with respect to the residual stream at
-    /// `site`, position `s`) with respect to the stream at every index from `site`'s down to 0:
-    /// `out[k]` is `[rows, d]`. The write of the embedding lands at 0, block `b`'s o_proj at
-    /// `2b + 1`, its down_proj at `2b + 2`.
-    pub(super) fn delta_paths(
+    /// Every edge value of the residual reader `plan`: its alive targets at every position are
+    /// rows of one matrix, carried down the residual stream sublayer by sublayer (each row at its
+    /// own position), so each delta matrix is read once per plan in one product rather than once
+    /// per position; where a source's write lands, its edges are dotted off the rows.
+    pub(super) fn plan_values(
         &self,
         deltas: &DeltaWeights,
+        plan: &TargetPlan,
         site: LnSite,
-        s: usize,
-        g: Vec<f32>,
-        rows: usize,
-    ) -> Vec<Vec<f32>> {
+        norm: NormKind,
+        ln_weight: &[f32],
+    ) -> PlanValues {
+        let e = self.weights;
+        let x = self.rec.residual_at(site);
+        let (d, t) = (x.cols, x.rows);
+        // Rows: (position, c_out) in the engine's order.
+        let mut pos = Vec::new();
+        let mut g = Vec::new();
+        let mut column = vec![0f32; d];
+        for s in 0..t {
+            let outs = self.alive(plan.target, s);
+            if outs.is_empty() {
+                continue;
+            }
+            let ln = NormBackward::new(norm, x.row(s));
+            for &c_out in outs {
+                let col = match plan.target {
+                    Layer::Module(i) => e.vt[i].row(c_out as usize),
+                    _ => e.lm_head.row(c_out as usize),
+                };
+                ln.apply(col, ln_weight, &mut column);
+                g.extend_from_slice(&column);
+                pos.push(s);
+            }
+        }
+        let rows = pos.len();
+        // Where each row's values start, and each source's values within a row.
+        let per_source = |s: usize| -> Vec<usize> {
+            plan.sources
+                .iter()
+                .map(|src| match src.layer {
+                    Layer::Wte => 1,
+                    l => self.alive(l, s).len(),
+                })
+                .collect()
+        };
+        let mut offsets = Vec::with_capacity(t + 1);
+        let mut row_start = Vec::with_capacity(rows);
+        let mut source_start: Vec<Vec<usize>> = Vec::with_capacity(t);
+        let mut at = 0;
+        let mut r = 0;
+        for s in 0..t {
+            offsets.push(at);
+            let counts = per_source(s);
+            let mut starts = Vec::with_capacity(counts.len());
+            let mut k = 0;
+            for c in &counts {
+                starts.push(k);
+                k += c;
+            }
+            source_start.push(starts);
+            while r < rows && pos[r] == s {
+                row_start.push(at);
+                at += k;
+                r += 1;
+            }
+        }
+        offsets.push(at);
+        let mut values = vec![0f32; at];
         let n_blocks = self.model.target.blocks.len();
-        let top = stream_index(site, n_blocks);
-        let mut out = vec![Vec::new(); top + 1];
-        out[top] = g;
-        for j in (1..=top).rev() {
-            let block = (j - 1) / 2;
-            let above = &out[j];
-            let through = if j % 2 == 1 {
-                self.attention_vjp(deltas, block, s, above, rows)
-            } else {
-                self.mlp_vjp(deltas, block, s, above, rows)
-            };
-            let mut below = above.clone();
-            if let Some(t) = through {
-                for (b, t) in below.iter_mut().zip(t) {
-                    *b += t;
+        let lands = |layer: Layer| match layer {
+            Layer::Module(j) => {
+                let id = self.model.modules[j].id;
+                match id.kind {
+                    ModuleKind::O => 2 * id.block + 1,
+                    _ => 2 * id.block + 2,
                 }
             }
-            out[j - 1] = below;
+            _ => 0,
+        };
+        let mut emit = |k: usize, g: &[f32]| {
+            for (si, src) in plan.sources.iter().enumerate() {
+                if lands(src.layer) != k {
+                    continue;
+                }
+                for r in 0..rows {
+                    let s = pos[r];
+                    let gr = &g[r * d..(r + 1) * d];
+                    let out = &mut values[row_start[r] + source_start[s][si]..];
+                    match src.layer {
+                        Layer::Wte => out[0] = dot(self.rec.embed.row(s), gr),
+                        Layer::Module(j) => {
+                            for (o, &c_in) in out.iter_mut().zip(self.alive(src.layer, s)) {
+                                *o = self.coef[j].at(s, c_in as usize)
+                                    * dot(e.u[j].row(c_in as usize), gr);
+                            }
+                        }
+                        Layer::Output => unreachable!("output is never a source"),
+                    }
+                }
+            }
+        };
+        let top = stream_index(site, n_blocks);
+        emit(top, &g);
+        for j in (1..=top).rev() {
+            let block = (j - 1) / 2;
+            let through = if j % 2 == 1 {
+                self.attention_vjp(deltas, block, &pos, &g)
+            } else {
+                self.mlp_vjp(deltas, block, &pos, &g)
+            };
+            if let Some(through) = through {
+                for (a, b) in g.iter_mut().zip(through) {
+                    *a += b;
+                }
+            }
+            emit(j - 1, &g);
         }
-        out
+        PlanValues { offsets, values }
     }
 
     /// `Δ` of the projection `(block, kind)` applied to `g` (`[rows, d_out]`), behind its inserted
@@ -165,14 +259,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// Adds `Σ` of the projections' input gradients and takes the norm at `site` backward.
+    /// Adds `Σ` of the projections' input gradients and takes the norm at `site` backward, each
+    /// row at its position `pos[r]`.
     fn norm_vjp(
         &self,
         site: LnSite,
         weight: &[f32],
-        s: usize,
+        pos: &[usize],
         parts: Vec<Option<Vec<f32>>>,
-        rows: usize,
     ) -> Option<Vec<f32>> {
         let mut parts = parts.into_iter().flatten();
         let mut sum = parts.next()?;
@@ -181,12 +275,16 @@ impl Ctx<'_> {
                 *a += b;
             }
         }
-        let x = self.rec.residual_at(site).row(s);
-        let d = x.len();
-        let norm = NormBackward::new(self.model.target.cfg.norm, x);
-        let mut out = vec![0f32; rows * d];
-        for r in 0..rows {
-            norm.apply(
+        let x = self.rec.residual_at(site);
+        let d = x.cols;
+        let mut out = vec![0f32; pos.len() * d];
+        let mut norm: Option<(usize, NormBackward)> = None;
+        for (r, &s) in pos.iter().enumerate() {
+            if norm.as_ref().is_none_or(|(at, _)| *at != s) {
+                norm = Some((s, NormBackward::new(self.model.target.cfg.norm, x.row(s))));
+            }
+            let (_, nb) = norm.as_ref().expect("set above");
+            nb.apply(
                 &sum[r * d..(r + 1) * d],
                 weight,
                 &mut out[r * d..(r + 1) * d],
@@ -202,10 +300,10 @@ impl Ctx<'_> {
         &self,
         deltas: &DeltaWeights,
         block: usize,
-        s: usize,
+        pos: &[usize],
         g: &[f32],
-        rows: usize,
     ) -> Option<Vec<f32>> {
+        let rows = pos.len();
         let id = |kind| ModuleId::new(block, kind);
         let gz = self.projection_vjp(deltas, id(ModuleKind::O), g, rows)?;
         let engine: &FastEngine = self.engine;
@@ -221,13 +319,14 @@ impl Ctx<'_> {
         let kr = self.rec.rotated.get(&id(ModuleKind::K)).unwrap_or(k);
         let t = q.rows;
         let probs = &self.rec.probs[block];
-        let p = |h: usize, s2: usize| probs[(h * t + s) * t + s2];
         let mut gq = vec![0f32; rows * d];
         let mut gk = vec![0f32; rows * kv];
         let mut gv = vec![0f32; rows * kv];
-        let mut w = vec![0f32; s + 1];
+        let mut w = vec![0f32; t];
         let mut tmp = vec![0f32; hd];
-        for r in 0..rows {
+        for (r, &s) in pos.iter().enumerate() {
+            let p = |h: usize, s2: usize| probs[(h * t + s) * t + s2];
+            let w = &mut w[..=s];
             let gz = &gz[r * d..(r + 1) * d];
             for h in 0..nh {
                 let (hq, hk) = (h * hd..(h + 1) * hd, (h / group) * hd..(h / group + 1) * hd);
@@ -278,7 +377,7 @@ impl Ctx<'_> {
             self.projection_vjp(deltas, id(ModuleKind::K), &gk, rows),
             self.projection_vjp(deltas, id(ModuleKind::V), &gv, rows),
         ];
-        self.norm_vjp(LnSite::Attn(block), &deltas.norm_1[block], s, parts, rows)
+        self.norm_vjp(LnSite::Attn(block), &deltas.norm_1[block], pos, parts)
     }
 
     /// `g J` for block `block`'s MLP sublayer at position `s`: down_proj's delta, the activation's
@@ -287,29 +386,30 @@ impl Ctx<'_> {
         &self,
         deltas: &DeltaWeights,
         block: usize,
-        s: usize,
+        pos: &[usize],
         g: &[f32],
-        rows: usize,
     ) -> Option<Vec<f32>> {
+        let rows = pos.len();
         let id = |kind| ModuleId::new(block, kind);
         let ga = self.projection_vjp(deltas, id(ModuleKind::Down), g, rows)?;
         let parts = match self.model.target.cfg.mlp {
             MlpKind::Gelu => {
-                let h = self.rec.outputs[&id(ModuleKind::CFc)].row(s);
+                let h = &self.rec.outputs[&id(ModuleKind::CFc)];
                 let mut gh = ga;
-                for row in gh.chunks_mut(h.len()) {
-                    for (o, x) in row.iter_mut().zip(h) {
+                for (row, &s) in gh.chunks_mut(h.cols).zip(pos) {
+                    for (o, x) in row.iter_mut().zip(h.row(s)) {
                         *o *= gelu_tanh_grad(*x);
                     }
                 }
                 vec![self.projection_vjp(deltas, id(ModuleKind::CFc), &gh, rows)]
             }
             MlpKind::SwiGlu => {
-                let gate = self.rec.outputs[&id(ModuleKind::Gate)].row(s);
-                let up = self.rec.outputs[&id(ModuleKind::Up)].row(s);
+                let gates = &self.rec.outputs[&id(ModuleKind::Gate)];
+                let ups = &self.rec.outputs[&id(ModuleKind::Up)];
                 let (mut g_gate, mut g_up) = (ga.clone(), ga);
-                let m = gate.len();
-                for r in 0..rows {
+                let m = gates.cols;
+                for (r, &s) in pos.iter().enumerate() {
+                    let (gate, up) = (gates.row(s), ups.row(s));
                     for n in 0..m {
                         let (act, grad) = silu_and_grad(gate[n]);
                         g_gate[r * m + n] *= grad * up[n];
@@ -322,7 +422,7 @@ impl Ctx<'_> {
                 ]
             }
         };
-        self.norm_vjp(LnSite::Mlp(block), &deltas.norm_2[block], s, parts, rows)
+        self.norm_vjp(LnSite::Mlp(block), &deltas.norm_2[block], pos, parts)
     }
 }
 

@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
-use self::delta::DeltaWeights;
+use self::delta::{DeltaWeights, PlanValues};
 use self::fill::{Sink, fill_units, fold_units};
 use self::host::{HostRope, Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
 use self::record::Recorded;
@@ -56,6 +56,8 @@ enum Step {
 
 #[derive(Debug, Clone)]
 struct TargetPlan {
+    /// Its place in [`FastEngine::plans`].
+    index: usize,
     target: Layer,
     step: Step,
     sources: Vec<Source>,
@@ -358,6 +360,7 @@ impl FastEngine {
                 ));
             }
             plans.push(TargetPlan {
+                index: plans.len(),
                 target: *target,
                 step,
                 sources: srcs.clone(),
@@ -571,7 +574,14 @@ impl FastEngine {
             alive,
             coef: &rec.coef,
             n,
-            deltas,
+            app_values: None,
+        };
+        // The app's semantics: every residual reader's edges first, one plan per thread (each
+        // plan's positions share its matrix products).
+        let app_values = deltas.map(|d| ctx.all_plan_values(d));
+        let ctx = Ctx {
+            app_values: app_values.as_deref(),
+            ..ctx
         };
         // Work units are (target, position) in the reference's order; a unit's edges are a
         // contiguous run of the graph, so where they land does not depend on the threads.
@@ -692,8 +702,9 @@ struct Ctx<'a> {
     alive: &'a [Vec<Vec<u32>>],
     coef: &'a [Mat],
     n: usize,
-    /// The app's semantics with non-zero deltas: residual readers' edges carry the delta paths.
-    deltas: Option<&'a DeltaWeights>,
+    /// The app's semantics with non-zero deltas: each residual reader's edge values, computed
+    /// beforehand with the deltas' paths (by plan index).
+    app_values: Option<&'a [Option<PlanValues>]>,
 }
 
 impl Ctx<'_> {
@@ -771,9 +782,8 @@ impl Ctx<'_> {
         positions: Range<usize>,
         edges: &mut impl Sink<Edge>,
     ) {
-        if let Some(deltas) = self.deltas {
-            return self
-                .residual_with_deltas(deltas, plan, site, norm, ln_weight, positions, edges);
+        if let Some(values) = self.app_values.and_then(|v| v[plan.index].as_ref()) {
+            return self.residual_from_values(values, plan, positions, edges);
         }
         let e = self.weights;
         let x = self.rec.residual_at(site);
@@ -816,74 +826,75 @@ impl Ctx<'_> {
         }
     }
 
-    /// [`Self::residual`] with the deltas' paths (the app's semantics): the targets' gradients at
-    /// the norm's input are carried down the residual stream through every sublayer's deltas
-    /// ([`delta`]), and each source reads the gradient where its write lands.
-    #[allow(clippy::too_many_arguments)]
-    fn residual_with_deltas(
+    /// [`Self::residual`] under the app's semantics: the values were computed beforehand
+    /// ([`Self::plan_values`]); a unit emits its positions' edges in the engine's order.
+    fn residual_from_values(
         &self,
-        deltas: &DeltaWeights,
+        values: &PlanValues,
         plan: &TargetPlan,
-        site: LnSite,
-        norm: NormKind,
-        ln_weight: &[f32],
         positions: Range<usize>,
         edges: &mut impl Sink<Edge>,
     ) {
-        let e = self.weights;
-        let x = self.rec.residual_at(site);
-        let d = x.cols;
-        let lands = |layer: Layer| match layer {
-            Layer::Module(j) => {
-                let id = self.model.modules[j].id;
-                match id.kind {
-                    ModuleKind::O => 2 * id.block + 1,
-                    _ => 2 * id.block + 2,
-                }
-            }
-            _ => 0,
-        };
         for s in positions {
-            let outs = self.alive(plan.target, s);
-            if outs.is_empty() {
-                continue;
-            }
-            let ln = NormBackward::new(norm, x.row(s));
-            let mut g = vec![0f32; outs.len() * d];
-            for (r, &c_out) in outs.iter().enumerate() {
-                let column = match plan.target {
-                    Layer::Module(i) => e.vt[i].row(c_out as usize),
-                    _ => e.lm_head.row(c_out as usize),
-                };
-                ln.apply(column, ln_weight, &mut g[r * d..(r + 1) * d]);
-            }
-            let paths = self.delta_paths(deltas, site, s, g, outs.len());
-            for (r, &c_out) in outs.iter().enumerate() {
+            let mut v = values.values[values.offsets[s]..values.offsets[s + 1]].iter();
+            for &c_out in self.alive(plan.target, s) {
                 for src in &plan.sources {
-                    let g = &paths[lands(src.layer)][r * d..(r + 1) * d];
                     match src.layer {
-                        Layer::Wte => self.push(
-                            edges,
-                            src,
-                            plan.target,
-                            0,
-                            c_out,
-                            s,
-                            s,
-                            dot(self.rec.embed.row(s), g),
-                        ),
-                        Layer::Module(j) => {
+                        Layer::Wte => {
+                            let x = *v.next().expect("one value per edge");
+                            self.push(edges, src, plan.target, 0, c_out, s, s, x);
+                        }
+                        _ => {
                             for &c_in in self.alive(src.layer, s) {
-                                let v = self.coef[j].at(s, c_in as usize)
-                                    * dot(e.u[j].row(c_in as usize), g);
-                                self.push(edges, src, plan.target, c_in, c_out, s, s, v);
+                                let x = *v.next().expect("one value per edge");
+                                self.push(edges, src, plan.target, c_in, c_out, s, s, x);
                             }
                         }
-                        Layer::Output => unreachable!("output is never a source"),
                     }
                 }
             }
         }
+    }
+
+    /// [`Self::plan_values`] of every residual reader, the plans spread over the threads.
+    fn all_plan_values(&self, deltas: &DeltaWeights) -> Vec<Option<PlanValues>> {
+        let plans = &self.engine.plans;
+        let threads = available_threads().min(plans.len()).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut out: Vec<Option<PlanValues>> = (0..plans.len()).map(|_| None).collect();
+        let done: Vec<Vec<(usize, PlanValues)>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(plan) = plans.get(i) else { break };
+                            if let Step::Residual {
+                                site,
+                                norm,
+                                ln_weight,
+                            } = &plan.step
+                            {
+                                mine.push((
+                                    i,
+                                    self.plan_values(deltas, plan, *site, *norm, ln_weight),
+                                ));
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a plan's values do not panic"))
+                .collect()
+        });
+        for (i, v) in done.into_iter().flatten() {
+            out[i] = Some(v);
+        }
+        out
     }
 
     /// `q/k/v → o_proj` of one block, from the softmax attention's derivatives. With rotary
