@@ -2,8 +2,8 @@
 //! context; the original tool's HTTP API (in `server/src/web/http_api.rs`) calls the same service.
 
 use crate::types::{
-    ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta, PromptPage,
-    PromptRef, SearchResults, VocabEntry,
+    ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta, OptimizeSpec,
+    PromptPage, PromptRef, SearchResults, VocabEntry,
 };
 use leptos::prelude::*;
 use leptos::server_fn::codec::Json;
@@ -37,6 +37,20 @@ pub async fn get_graph(
 ) -> Result<GraphData, ServerFnError> {
     let service = service()?;
     let graph = service.graph(prompt, params, ticket).await;
+    respond(graph.map(|g| (*g).clone()))
+}
+
+/// The graph of CI optimised for `spec` (SPEC §7) over the prompt's tokens up to its position,
+/// with the optimisation's metrics; progress streams at `/api/progress/{ticket}` as for graphs.
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_optimized_graph(
+    prompt: PromptRef,
+    params: GraphParams,
+    spec: OptimizeSpec,
+    ticket: Option<u64>,
+) -> Result<GraphData, ServerFnError> {
+    let service = service()?;
+    let graph = service.optimized_graph(prompt, params, spec, ticket).await;
     respond(graph.map(|g| (*g).clone()))
 }
 
@@ -128,7 +142,7 @@ fn respond<T>(result: Result<T, ApiError>) -> Result<T, ServerFnError> {
 mod backend {
     use crate::types::{
         ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta,
-        PromptPage, PromptRef, SearchResults, VocabEntry,
+        OptimizeSpec, PromptPage, PromptRef, SearchResults, VocabEntry,
     };
     use std::future::Future;
     use std::pin::Pin;
@@ -149,6 +163,13 @@ mod backend {
         ) -> Result<PromptPage, ApiError>;
         fn graph(&self, prompt: PromptRef, params: GraphParams, ticket: Option<u64>)
         -> GraphFuture;
+        fn optimized_graph(
+            &self,
+            prompt: PromptRef,
+            params: GraphParams,
+            spec: OptimizeSpec,
+            ticket: Option<u64>,
+        ) -> GraphFuture;
         fn search(
             &self,
             keys: &[String],

@@ -721,3 +721,59 @@ async fn intervention_runs_are_kept_beside_the_database() {
     assert_eq!(by_id.len(), 1);
     assert_eq!(by_id[0].id, 3);
 }
+
+/// The page's optimised graph: CI optimised for a label, its graph over the tokens up to the
+/// position, the metrics beside it; bad optimisations are 400s.
+#[tokio::test]
+async fn optimized_graphs_for_the_page() {
+    use app::api::GetOptimizedGraph;
+    use app::types::OptimizeSpec;
+    let spec = OptimizeSpec {
+        label: 3,
+        position: 2,
+        steps: 8,
+        ..OptimizeSpec::default()
+    };
+    let params = GraphParams {
+        ci_threshold: 0.0,
+        ..GraphParams::default()
+    };
+    let g: GraphData = call_ok(
+        GetOptimizedGraph::PATH,
+        json!({"prompt": PromptRef::Stored(2), "params": params, "spec": spec, "ticket": null}),
+    )
+    .await;
+    assert_eq!(g.tokens.len(), 3);
+    let info = g.optimization.expect("an optimised graph says so");
+    assert_eq!(info.spec, spec);
+    assert!(info.l0_total <= info.l0_before, "{info:?}");
+    assert!((0.0..=1.0).contains(&info.ci_masked_label_prob.unwrap()));
+    let standard: GraphData = call_ok(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Stored(2), "params": params, "ticket": null}),
+    )
+    .await;
+    assert!(standard.optimization.is_none());
+    for bad in [
+        OptimizeSpec { steps: 0, ..spec },
+        OptimizeSpec {
+            position: 999,
+            ..spec
+        },
+        OptimizeSpec {
+            label: 999_999,
+            ..spec
+        },
+        OptimizeSpec {
+            imp_min_coeff: -1.0,
+            ..spec
+        },
+    ] {
+        let (status, body) = call(
+            GetOptimizedGraph::PATH,
+            json!({"prompt": PromptRef::Stored(2), "params": params, "spec": bad, "ticket": null}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+    }
+}

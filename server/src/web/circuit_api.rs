@@ -355,3 +355,87 @@ async fn optimized(State(s): State<Service>, Query(q): Query<HashMap<String, Str
         .keep_alive(KeepAlive::default())
         .into_response()
 }
+
+impl Data {
+    /// The optimiser's configuration for the page's request (the app's learning rate, loss
+    /// coefficient 1, seed 0, PGD from a random start).
+    pub fn optim_config(&self, spec: &app::types::OptimizeSpec) -> OptimConfig {
+        use app::types::{OptimLoss, OptimMask};
+        OptimConfig {
+            position: spec.position,
+            recon: match spec.loss {
+                OptimLoss::Ce => Recon::Ce { label: spec.label },
+                OptimLoss::Kl => Recon::Kl,
+            },
+            loss_coeff: 1.0,
+            imp_min_coeff: f64::from(spec.imp_min_coeff),
+            pnorm: f64::from(spec.pnorm),
+            beta: f64::from(spec.beta),
+            steps: spec.steps,
+            lr: 1e-2,
+            mask_type: match spec.mask {
+                OptimMask::Ci => MaskType::Ci,
+                OptimMask::Stochastic => MaskType::Stochastic,
+            },
+            pgd: (spec.pgd_steps > 0).then_some(Pgd {
+                n_steps: spec.pgd_steps,
+                step_size: f64::from(spec.pgd_step_size),
+                init: PgdInit::Random,
+            }),
+            seed: 0,
+        }
+    }
+
+    /// The page's optimised graph: the optimisation (its steps reported as progress), then the
+    /// graph of the tokens up to the position under the optimised CI, with the metrics.
+    pub fn optimized(
+        &self,
+        prompt_id: Option<i64>,
+        tokens: &[u32],
+        params: GraphParams,
+        spec: &app::types::OptimizeSpec,
+        mean_ci: &dyn Fn(&str) -> Option<f64>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<app::types::GraphData, ApiError> {
+        let model = &self.run.model;
+        model
+            .check_tokens(tokens)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let cfg = self.optim_config(spec);
+        let internal = |e: String| ApiError::internal(e);
+        let ci = PromptCi::compute(model, tokens).map_err(|e| internal(e.to_string()))?;
+        let opt = optimize(model, &ci, &cfg, &mut |p| {
+            progress(p.step, p.steps);
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| match e {
+            crate::circuit::OptimError::Config(m) => ApiError::bad_request(m),
+            e => internal(e.to_string()),
+        })?;
+        let prompt = optimized_prompt(model, &ci, &opt, cfg.position)
+            .map_err(|e| internal(e.to_string()))?;
+        let mut graph = self
+            .run
+            .graph_of_ci(prompt_id, &prompt, params, mean_ci, &|_, _| {})?;
+        let l0_before: f64 = ci
+            .lower
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|r| r.iter().filter(|v| **v > 0.0).count() as f64)
+                    .sum::<f64>()
+                    / m.len().max(1) as f64
+            })
+            .sum();
+        graph.optimization = Some(app::types::OptimizationInfo {
+            spec: *spec,
+            label_str: self.run.token_string(spec.label),
+            ci_masked_label_prob: opt.metrics.ci_masked_label_prob,
+            stoch_masked_label_prob: opt.metrics.stoch_masked_label_prob,
+            adv_pgd_label_prob: opt.metrics.adv_pgd_label_prob,
+            l0_total: opt.metrics.l0_total,
+            l0_before,
+        });
+        Ok(graph)
+    }
+}

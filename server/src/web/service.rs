@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use app::api::{ApiError, Explorer, GraphFuture};
 use app::types::{
     ComponentInfo, ComponentMatch, ContextSnippet, GraphData, GraphParams, Meta, Normalize,
-    PromptPage, PromptRef, PromptSummary, SearchHit, SearchResults, Semantics,
+    OptimLoss, OptimMask, OptimizeSpec, PromptPage, PromptRef, PromptSummary, SearchHit,
+    SearchResults, Semantics,
 };
 use rusqlite::Connection;
 
@@ -61,6 +62,54 @@ pub struct GraphKey {
     params: [u32; 3],
     normalize: Normalize,
     semantics: Semantics,
+    /// The optimisation of an optimised graph, its floats as bits.
+    optim: Option<OptimKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct OptimKey {
+    loss: OptimLoss,
+    mask: OptimMask,
+    /// label, position, steps, PGD steps
+    ints: [u64; 4],
+    /// imp_min_coeff, pnorm, beta, PGD step size
+    floats: [u32; 4],
+}
+
+impl OptimKey {
+    fn new(s: &OptimizeSpec) -> Self {
+        OptimKey {
+            loss: s.loss,
+            mask: s.mask,
+            ints: [
+                u64::from(s.label),
+                s.position as u64,
+                s.steps as u64,
+                s.pgd_steps as u64,
+            ],
+            floats: [
+                s.imp_min_coeff.to_bits(),
+                s.pnorm.to_bits(),
+                s.beta.to_bits(),
+                s.pgd_step_size.to_bits(),
+            ],
+        }
+    }
+
+    fn spec(&self) -> OptimizeSpec {
+        OptimizeSpec {
+            loss: self.loss,
+            mask: self.mask,
+            label: self.ints[0] as u32,
+            position: self.ints[1] as usize,
+            steps: self.ints[2] as usize,
+            pgd_steps: self.ints[3] as usize,
+            imp_min_coeff: f32::from_bits(self.floats[0]),
+            pnorm: f32::from_bits(self.floats[1]),
+            beta: f32::from_bits(self.floats[2]),
+            pgd_step_size: f32::from_bits(self.floats[3]),
+        }
+    }
 }
 
 impl GraphKey {
@@ -74,6 +123,7 @@ impl GraphKey {
             ],
             normalize: p.normalize,
             semantics: p.semantics,
+            optim: None,
         }
     }
 
@@ -196,6 +246,31 @@ impl Service {
         self.jobs.get(GraphKey::new(prompt, params), ticket).await
     }
 
+    /// The graph of `prompt`'s CI optimised for `spec`, shared and cached like the others.
+    pub async fn optimized_graph_of(
+        &self,
+        prompt: PromptRef,
+        params: GraphParams,
+        spec: OptimizeSpec,
+        ticket: Option<u64>,
+    ) -> Result<Arc<GraphData>, ApiError> {
+        params.check().map_err(ApiError::bad_request)?;
+        let tokens = match &prompt {
+            PromptRef::Stored(id) => self.data.prompt_tokens(*id)?,
+            PromptRef::Text(text) => self.data.run.tokenize(text)?,
+        };
+        // Refuse a bad optimisation now, not after waiting in the queue.
+        self.data
+            .optim_config(&spec)
+            .check(&self.data.run.model, tokens.len())
+            .map_err(ApiError::bad_request)?;
+        let key = GraphKey {
+            optim: Some(OptimKey::new(&spec)),
+            ..GraphKey::new(prompt, params)
+        };
+        self.jobs.get(key, ticket).await
+    }
+
     /// Progress of the computation named `ticket`.
     pub fn progress(&self, ticket: u64) -> Option<super::jobs::Watch> {
         self.jobs.watch(ticket)
@@ -219,7 +294,10 @@ impl Data {
             None
         };
         let mean = |k: &str| means.and_then(|m| m.get(k).copied());
-        self.run.graph(id, &tokens, params, &mean, progress)
+        match &key.optim {
+            None => self.run.graph(id, &tokens, params, &mean, progress),
+            Some(o) => self.optimized(id, &tokens, params, &o.spec(), &mean, progress),
+        }
     }
 
     fn db(&self) -> Result<std::sync::MutexGuard<'_, Connection>, ApiError> {
@@ -486,6 +564,17 @@ impl Explorer for Service {
         // The future owns what it uses: the service is two `Arc`s.
         let this = self.clone();
         Box::pin(async move { this.graph_of(prompt, params, ticket).await })
+    }
+
+    fn optimized_graph(
+        &self,
+        prompt: PromptRef,
+        params: GraphParams,
+        spec: OptimizeSpec,
+        ticket: Option<u64>,
+    ) -> GraphFuture {
+        let this = self.clone();
+        Box::pin(async move { this.optimized_graph_of(prompt, params, spec, ticket).await })
     }
 
     fn search(&self, keys: &[String], all: bool, limit: usize) -> Result<SearchResults, ApiError> {
