@@ -3,7 +3,9 @@
 
 use crate::canvas::layout::LayoutMode;
 use crate::canvas::view::Viewport;
-use crate::types::{GraphParams, Normalize, PromptRef, Semantics};
+use crate::types::{
+    GraphParams, Normalize, OptimLoss, OptimMask, OptimizeSpec, PromptRef, Semantics,
+};
 
 /// Edges drawn by default (the strongest by |value|).
 pub const DEFAULT_TOP_K: usize = 2_000;
@@ -21,6 +23,10 @@ pub struct ViewState {
     /// Zoom factor and pan offset in CSS pixels.
     pub zoom: f64,
     pub pan: (f64, f64),
+    /// The optimisation of the prompt's "Optimized" tab, once asked for.
+    pub opt: Option<OptimizeSpec>,
+    /// Whether the optimised graph's tab is the one shown.
+    pub show_opt: bool,
 }
 
 impl Default for ViewState {
@@ -34,8 +40,72 @@ impl Default for ViewState {
             layout: LayoutMode::Jittered,
             zoom: 1.0,
             pan: (0.0, 0.0),
+            opt: None,
+            show_opt: false,
         }
     }
+}
+
+/// `ce:label:position:imp_min_coeff:steps:pnorm:beta:mask:pgd_steps:pgd_step_size`.
+fn spec_to_url(s: &OptimizeSpec) -> String {
+    format!(
+        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
+        match s.loss {
+            OptimLoss::Ce => "ce",
+            OptimLoss::Kl => "kl",
+        },
+        s.label,
+        s.position,
+        s.imp_min_coeff,
+        s.steps,
+        s.pnorm,
+        s.beta,
+        match s.mask {
+            OptimMask::Ci => "ci",
+            OptimMask::Stochastic => "stochastic",
+        },
+        s.pgd_steps,
+        s.pgd_step_size
+    )
+}
+
+fn spec_from_url(v: &str) -> Option<OptimizeSpec> {
+    let p: Vec<&str> = v.split(':').collect();
+    let [
+        loss,
+        label,
+        position,
+        coeff,
+        steps,
+        pnorm,
+        beta,
+        mask,
+        pgd_steps,
+        pgd_size,
+    ] = p[..]
+    else {
+        return None;
+    };
+    Some(OptimizeSpec {
+        loss: match loss {
+            "ce" => OptimLoss::Ce,
+            "kl" => OptimLoss::Kl,
+            _ => return None,
+        },
+        label: label.parse().ok()?,
+        position: position.parse().ok()?,
+        imp_min_coeff: coeff.parse().ok()?,
+        steps: steps.parse().ok()?,
+        pnorm: pnorm.parse().ok()?,
+        beta: beta.parse().ok()?,
+        mask: match mask {
+            "ci" => OptimMask::Ci,
+            "stochastic" => OptimMask::Stochastic,
+            _ => return None,
+        },
+        pgd_steps: pgd_steps.parse().ok()?,
+        pgd_step_size: pgd_size.parse().ok()?,
+    })
 }
 
 impl ViewState {
@@ -87,6 +157,12 @@ impl ViewState {
         }
         if self.layout != d.layout {
             parts.push(("layout", self.layout.name().into()));
+        }
+        if let Some(o) = &self.opt {
+            parts.push(("opt", spec_to_url(o)));
+        }
+        if self.show_opt && self.opt.is_some() {
+            parts.push(("tab", "opt".into()));
         }
         if self.zoom != 1.0 || self.pan != (0.0, 0.0) {
             parts.push((
@@ -142,6 +218,8 @@ impl ViewState {
                 }
                 "mmci" => s.params.max_mean_ci = v.parse().unwrap_or(s.params.max_mean_ci),
                 "layout" => s.layout = LayoutMode::from_name(&v).unwrap_or(s.layout),
+                "opt" => s.opt = spec_from_url(&v),
+                "tab" => s.show_opt = v == "opt",
                 "view" => {
                     let n: Vec<f64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
                     if let [z, x, y] = n[..]
@@ -154,6 +232,7 @@ impl ViewState {
                 _ => {}
             }
         }
+        s.show_opt &= s.opt.is_some();
         s
     }
 }
@@ -222,6 +301,19 @@ mod tests {
             layout: LayoutMode::Importance,
             zoom: 2.5,
             pan: (-120.5, 33.0),
+            opt: Some(OptimizeSpec {
+                loss: OptimLoss::Kl,
+                label: 17,
+                position: 4,
+                imp_min_coeff: 0.0025,
+                steps: 250,
+                pnorm: 0.5,
+                beta: 0.1,
+                mask: OptimMask::Stochastic,
+                pgd_steps: 3,
+                pgd_step_size: 0.05,
+            }),
+            show_opt: true,
         };
         let q = s.to_query();
         assert!(!q.contains(' ') && !q.contains('"'), "{q}");
@@ -242,6 +334,9 @@ mod tests {
         assert_eq!((s.zoom, s.pan), (d.zoom, d.pan));
         assert_eq!(s.pins, vec!["wte:0".to_owned()]);
         assert_eq!(s.selected, vec!["b:2:3".to_owned()]);
+        // An optimisation tab needs its optimisation.
+        assert!(!ViewState::from_query("tab=opt").show_opt);
+        assert_eq!(ViewState::from_query("opt=ce:1:2").opt, None);
         assert_eq!(decode("%zz%4"), "%zz%4");
     }
 }

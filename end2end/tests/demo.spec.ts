@@ -56,3 +56,38 @@ test('demo: plural agreement is decided at the noun', async ({ page }, testInfo)
   await expect(card.locator('.card-edges')).toContainText('h.1.mlp.down_proj:25:48');
   await page.screenshot({ path: testInfo.outputPath('plural.jpg'), type: 'jpeg', quality: 70 });
 });
+
+test('demo: CI optimised for " Mia" opens an Optimized tab with fewer nodes, kept on reload', async ({ page }, testInfo) => {
+  const text = 'There was a little girl named Mia. She had a big red ball.';
+  await page.goto(`/?text=${encodeURIComponent(text)}&ci=0.01`);
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
+  const status = page.locator('.status');
+  await expect(status).toContainText(/Custom prompt: \d+ tokens, \d+ nodes/);
+  const nodes = async () => Number(/(\d+) nodes/.exec((await status.textContent()) ?? '')![1]);
+  const standard = await nodes();
+
+  // " named" is at position 5; the name follows it.
+  await page.locator('#opt-pos').selectOption('5');
+  await page.locator('#opt-label-search').fill('mia');
+  await page.locator('.optimize .vocab-hit').first().click();
+  await expect(page.locator('#opt-label')).toContainText('Mia');
+  await page.locator('#opt-steps').fill('60');
+  await page.locator('#opt-steps').press('Tab');
+  await page.locator('#opt-run').click();
+  await expect(page.locator('#tab-optimized')).toHaveClass(/active/);
+  await expect(status).toContainText('optimized for', { timeout: 60_000 });
+  await expect(status).toContainText('% under the CI mask');
+  await expect(status).toContainText(/Custom prompt: 6 tokens/);
+  expect(await nodes()).toBeLessThan(standard);
+  await expect(page).toHaveURL(/tab=opt/);
+  await page.screenshot({ path: testInfo.outputPath('optimized.jpg'), type: 'jpeg', quality: 70 });
+
+  await page.reload();
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  await expect(status).toContainText('optimized for', { timeout: 60_000 });
+  await expect(page.locator('#tab-optimized')).toHaveClass(/active/);
+  await page.locator('#tab-standard').click();
+  await expect(status).not.toContainText('optimized for');
+  await expect(status).toContainText(/Custom prompt: 14 tokens/);
+});

@@ -1,12 +1,16 @@
 //! Testing a circuit: run the model with the selected nodes kept, ablated or scaled (on the prompt,
 //! or a fork of it with tokens swapped), see each position's top tokens beside the target's, and
-//! keep the runs of the prompt (the server stores them in its notes file).
+//! keep the runs of the prompt (the server stores them in its notes file); and CI optimised for a
+//! prediction, shown as the "Optimized" tab.
 
 use leptos::prelude::*;
 
 use super::page::{Ctx, server_message};
 use crate::api::{delete_intervention, list_interventions, run_intervention, search_vocab};
-use crate::types::{InterventionMode, InterventionParams, InterventionRun, PromptRef, VocabEntry};
+use crate::types::{
+    InterventionMode, InterventionParams, InterventionRun, OptimLoss, OptimMask, OptimizeSpec,
+    PromptRef, VocabEntry,
+};
 
 const TOP_K: usize = 5;
 
@@ -281,6 +285,213 @@ fn run_table(r: InterventionRun) -> AnyView {
             <tbody>{rows}</tbody>
         </table>
         </div>
+    }
+    .into_any()
+}
+
+/// The "Optimize" form: CI re-optimised so that a label stays predicted at a position with as
+/// few components as the sparsity coefficient allows; the result opens as the "Optimized" tab.
+#[component]
+pub fn OptimizePanel() -> AnyView {
+    let ctx = expect_context::<Ctx>();
+    let defaults = OptimizeSpec::default();
+    let loss = RwSignal::new(defaults.loss);
+    let label: RwSignal<Option<(u32, String)>> = RwSignal::new(None);
+    let position: RwSignal<Option<usize>> = RwSignal::new(None);
+    // log10 of the sparsity coefficient.
+    let log_coeff = RwSignal::new(defaults.imp_min_coeff.log10());
+    let steps = RwSignal::new(defaults.steps);
+    let pnorm = RwSignal::new(defaults.pnorm);
+    let beta = RwSignal::new(defaults.beta);
+    let mask = RwSignal::new(defaults.mask);
+    let pgd_steps = RwSignal::new(0usize);
+    let pgd_size = RwSignal::new(defaults.pgd_step_size);
+    let query = RwSignal::new(String::new());
+    let hits: RwSignal<Vec<VocabEntry>> = RwSignal::new(vec![]);
+    let error: RwSignal<Option<String>> = RwSignal::new(None);
+
+    // A prompt change forgets the optimisation (its position and label were this prompt's).
+    let previous = StoredValue::new(None::<PromptRef>);
+    Effect::new(move || {
+        let p = ctx.view.with(|v| v.prompt.clone());
+        if previous.get_value().is_some_and(|q| q != p) {
+            ctx.view.update(|v| {
+                v.opt = None;
+                v.show_opt = false;
+            });
+            position.set(None);
+            label.set(None);
+        }
+        previous.set_value(Some(p));
+    });
+    // The form shows the view's optimisation (from the URL, or the one just asked for).
+    let current = Memo::new(move |_| ctx.view.with(|v| v.opt));
+    Effect::new(move || {
+        if let Some(o) = current.get() {
+            loss.set(o.loss);
+            position.set(Some(o.position));
+            log_coeff.set(o.imp_min_coeff.log10());
+            steps.set(o.steps);
+            pnorm.set(o.pnorm);
+            beta.set(o.beta);
+            mask.set(o.mask);
+            pgd_steps.set(o.pgd_steps);
+            pgd_size.set(o.pgd_step_size);
+            if label.get_untracked().is_none_or(|(id, _)| id != o.label) {
+                label.set(Some((o.label, format!("#{}", o.label))));
+            }
+        }
+    });
+    Effect::new(move || {
+        let q = query.get();
+        if q.trim().is_empty() {
+            hits.set(vec![]);
+            return;
+        }
+        leptos::task::spawn_local(async move {
+            if let Ok(found) = search_vocab(q.clone(), 12).await
+                && query.get_untracked() == q
+            {
+                hits.set(found);
+            }
+        });
+    });
+    let tokens = move || {
+        ctx.graph.with(|g| {
+            g.as_ref()
+                .filter(|g| g.optimization.is_none())
+                .map(|g| g.tokens.clone())
+                .unwrap_or_default()
+        })
+    };
+    let last = move || tokens().len().saturating_sub(1);
+    let optimize = move |_| {
+        let n = tokens().len();
+        if n == 0 {
+            return;
+        }
+        let pos = position.get_untracked().unwrap_or(n - 1).min(n - 1);
+        let spec = OptimizeSpec {
+            loss: loss.get_untracked(),
+            label: label.get_untracked().map_or(0, |(id, _)| id),
+            position: pos,
+            imp_min_coeff: 10f32.powf(log_coeff.get_untracked()),
+            steps: steps.get_untracked(),
+            pnorm: pnorm.get_untracked(),
+            beta: beta.get_untracked(),
+            mask: mask.get_untracked(),
+            pgd_steps: pgd_steps.get_untracked(),
+            pgd_step_size: pgd_size.get_untracked(),
+        };
+        if spec.loss == OptimLoss::Ce && label.get_untracked().is_none() {
+            error.set(Some("choose the label token".into()));
+            return;
+        }
+        error.set(None);
+        ctx.view.update(|v| {
+            v.opt = Some(spec);
+            v.show_opt = true;
+        });
+    };
+    let number = |sig: RwSignal<f32>| {
+        move |ev: leptos::ev::Event| {
+            if let Ok(x) = event_target_value(&ev).parse::<f32>() {
+                sig.set(x);
+            }
+        }
+    };
+    view! {
+        <section class="panel optimize">
+            <h2>"Optimize"</h2>
+            <label>
+                "Loss "
+                <select id="opt-loss" on:change=move |ev| loss.set(
+                    if event_target_value(&ev) == "kl" { OptimLoss::Kl } else { OptimLoss::Ce }
+                )>
+                    <option value="ce" selected=move || loss.get() == OptimLoss::Ce>"CE of a label"</option>
+                    <option value="kl" selected=move || loss.get() == OptimLoss::Kl>"KL to the target"</option>
+                </select>
+            </label>
+            <label>
+                " at position "
+                <select id="opt-pos" on:change=move |ev| position.set(event_target_value(&ev).parse().ok())>
+                    {move || tokens().into_iter().enumerate().map(|(i, t)| view! {
+                        <option value=i.to_string()
+                            selected=move || position.get().unwrap_or_else(last) == i>
+                            {format!("{i}: {t:?}")}
+                        </option>
+                    }).collect_view()}
+                </select>
+            </label>
+            <Show when=move || loss.get() == OptimLoss::Ce>
+                <div>
+                    <span id="opt-label">{move || label.get().map_or(
+                        "label: none chosen".to_owned(),
+                        |(id, t)| format!("label: {t:?} (#{id})"),
+                    )}</span>
+                    " "
+                    <input id="opt-label-search" type="search" placeholder="Search the label token"
+                        prop:value=move || query.get()
+                        on:input=move |ev| query.set(event_target_value(&ev)) />
+                    <ul class="vocab-hits">
+                        {move || hits.get().into_iter().map(|h| {
+                            let text = format!("{:?} #{}", h.token, h.id);
+                            view! {
+                                <li class="vocab-hit" data-id=h.id on:click=move |_| {
+                                    label.set(Some((h.id, h.token.clone())));
+                                    query.set(String::new());
+                                }>{text}</li>
+                            }
+                        }).collect_view()}
+                    </ul>
+                </div>
+            </Show>
+            <label class="slider">
+                {move || format!("Sparsity {:.1e} ", 10f32.powf(log_coeff.get()))}
+                <input id="opt-coeff" type="range" min="-5" max="0" step="0.25"
+                    prop:value=move || log_coeff.get().to_string()
+                    on:input=number(log_coeff) />
+            </label>
+            <label>
+                " steps "
+                <input id="opt-steps" type="number" min="1" max="100000"
+                    prop:value=move || steps.get().to_string()
+                    on:change=move |ev| {
+                        if let Ok(n) = event_target_value(&ev).parse() {
+                            steps.set(n);
+                        }
+                    } />
+            </label>
+            <details class="advanced">
+                <summary>"Advanced"</summary>
+                <label>"p-norm " <input id="opt-pnorm" type="number" step="0.1"
+                    prop:value=move || pnorm.get().to_string() on:change=number(pnorm) /></label>
+                <label>" β " <input id="opt-beta" type="number" step="0.1"
+                    prop:value=move || beta.get().to_string() on:change=number(beta) /></label>
+                <label>
+                    " masks "
+                    <select id="opt-mask" on:change=move |ev| mask.set(
+                        if event_target_value(&ev) == "stochastic" { OptimMask::Stochastic } else { OptimMask::Ci }
+                    )>
+                        <option value="ci" selected=move || mask.get() == OptimMask::Ci>"CI"</option>
+                        <option value="stochastic" selected=move || mask.get() == OptimMask::Stochastic>"stochastic"</option>
+                    </select>
+                </label>
+                <label>" PGD steps " <input id="opt-pgd-steps" type="number" min="0"
+                    prop:value=move || pgd_steps.get().to_string()
+                    on:change=move |ev| {
+                        if let Ok(n) = event_target_value(&ev).parse() {
+                            pgd_steps.set(n);
+                        }
+                    } /></label>
+                <label>" step size " <input id="opt-pgd-size" type="number" step="0.01"
+                    prop:value=move || pgd_size.get().to_string() on:change=number(pgd_size) /></label>
+            </details>
+            <div class="buttons">
+                <button id="opt-run" on:click=optimize>"Optimize"</button>
+            </div>
+            {move || error.get().map(|e| view! { <p class="error" role="alert">{e}</p> })}
+        </section>
     }
     .into_any()
 }

@@ -5,8 +5,13 @@ use std::collections::HashMap;
 
 use leptos::prelude::*;
 
-use super::{circuit::CircuitPanel, graph_view::GraphView, pins::PinsPanel, sidebar::Sidebar};
-use crate::api::{get_component, get_graph, get_meta};
+use super::{
+    circuit::{CircuitPanel, OptimizePanel},
+    graph_view::GraphView,
+    pins::PinsPanel,
+    sidebar::Sidebar,
+};
+use crate::api::{get_component, get_graph, get_meta, get_optimized_graph};
 use crate::canvas::layout::Layout;
 use crate::canvas::scene::Scene;
 use crate::state::ViewState;
@@ -144,7 +149,12 @@ pub fn GraphPage() -> AnyView {
     // rebuild the scene and layout (and refetch the graph, below) on every zoom, pan step and pin.
     let top_k = Memo::new(move |_| view.with(|v| v.top_k));
     let mode = Memo::new(move |_| view.with(|v| v.layout));
-    let request = Memo::new(move |_| view.with(|v| (v.prompt.clone(), v.params)));
+    let request = Memo::new(move |_| {
+        view.with(|v| {
+            let opt = if v.show_opt { v.opt } else { None };
+            (v.prompt.clone(), v.params, opt)
+        })
+    });
     let scene = Memo::new(move |_| {
         let top_k = top_k.get();
         graph.with(|g| g.as_ref().map(|g| Scene::new(g, top_k)))
@@ -207,7 +217,7 @@ pub fn GraphPage() -> AnyView {
             return;
         }
         ctx.reload.track();
-        let (prompt, params) = request.get();
+        let (prompt, params, opt) = request.get();
         generation.update_value(|g| *g += 1);
         let mine = generation.get_value();
         ctx.load.set(Load::Loading { done: 0, total: 0 });
@@ -218,7 +228,10 @@ pub fn GraphPage() -> AnyView {
             let result = {
                 // The progress stream lives as long as the request.
                 let _progress = progress;
-                get_graph(prompt, params, Some(ticket)).await
+                match opt {
+                    Some(spec) => get_optimized_graph(prompt, params, spec, Some(ticket)).await,
+                    None => get_graph(prompt, params, Some(ticket)).await,
+                }
             };
             if generation.get_value() != mine {
                 return;
@@ -261,11 +274,15 @@ pub fn GraphPage() -> AnyView {
             </header>
             <Sidebar />
             <section class="main">
+                <Tabs />
                 <StatusLine />
                 <GraphView />
                 <div class="panels">
                     <CircuitPanel />
-                    <PinsPanel />
+                    <div class="column">
+                        <OptimizePanel />
+                        <PinsPanel />
+                    </div>
                 </div>
             </section>
         </div>
@@ -423,6 +440,25 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// "Standard" and, once an optimisation was asked for, "Optimized".
+#[component]
+fn Tabs() -> AnyView {
+    let ctx = expect_context::<Ctx>();
+    let has_opt = move || ctx.view.with(|v| v.opt.is_some());
+    let showing = move || ctx.view.with(|v| v.show_opt);
+    view! {
+        <Show when=has_opt>
+            <div class="tabs" role="tablist">
+                <button id="tab-standard" role="tab" class:active=move || !showing()
+                    on:click=move |_| ctx.view.update(|v| v.show_opt = false)>"Standard"</button>
+                <button id="tab-optimized" role="tab" class:active=showing
+                    on:click=move |_| ctx.view.update(|v| v.show_opt = true)>"Optimized"</button>
+            </div>
+        </Show>
+    }
+    .into_any()
+}
+
 #[component]
 fn StatusLine() -> AnyView {
     let ctx = expect_context::<Ctx>();
@@ -443,9 +479,18 @@ fn StatusLine() -> AnyView {
                     crate::types::Normalize::None => String::new(),
                     n => format!(", {} normalized", n.name()),
                 };
+                let optimized = g.optimization.as_ref().map_or(String::new(), |o| {
+                    let prob = o.ci_masked_label_prob.map_or(String::new(), |p| {
+                        format!(": label {:.1}% under the CI mask", 100.0 * p)
+                    });
+                    format!(
+                        " · optimized for {:?} at position {}{prob}, L0 {:.1} (was {:.1})",
+                        o.label_str, o.spec.position, o.l0_total, o.l0_before
+                    )
+                });
                 format!(
                     "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped} · {} \
-                     semantics{normalized}",
+                     semantics{normalized}{optimized}",
                     g.tokens.len(),
                     g.nodes.len(),
                     g.edges.len(),
