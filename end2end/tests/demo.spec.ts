@@ -89,5 +89,5 @@ test('demo: CI optimised for " Mia" opens an Optimized tab with fewer nodes, kep
   await expect(page.locator('#tab-optimized')).toHaveClass(/active/);
   await page.locator('#tab-standard').click();
   await expect(status).not.toContainText('optimized for');
-  await expect(status).toContainText(/Custom prompt: 14 tokens/);
+  await expect(status).toContainText(/Custom prompt: 15 tokens/);
 });
