@@ -14,6 +14,24 @@ use crate::types::{
 
 const TOP_K: usize = 5;
 
+/// Keeps `hits` the vocabulary entries matching `query` as it is typed (the latest query wins).
+fn vocab_search(query: RwSignal<String>, hits: RwSignal<Vec<VocabEntry>>) {
+    Effect::new(move || {
+        let q = query.get();
+        if q.trim().is_empty() {
+            hits.set(vec![]);
+            return;
+        }
+        leptos::task::spawn_local(async move {
+            if let Ok(found) = search_vocab(q.clone(), 12).await
+                && query.get_untracked() == q
+            {
+                hits.set(found);
+            }
+        });
+    });
+}
+
 #[component]
 pub fn CircuitPanel() -> AnyView {
     let ctx = expect_context::<Ctx>();
@@ -47,20 +65,7 @@ pub fn CircuitPanel() -> AnyView {
             }
         });
     });
-    Effect::new(move || {
-        let q = vocab_query.get();
-        if q.trim().is_empty() {
-            vocab_hits.set(vec![]);
-            return;
-        }
-        leptos::task::spawn_local(async move {
-            if let Ok(hits) = search_vocab(q.clone(), 12).await
-                && vocab_query.get_untracked() == q
-            {
-                vocab_hits.set(hits);
-            }
-        });
-    });
+    vocab_search(vocab_query, vocab_hits);
 
     let run = move |fork: bool| {
         let nodes = ctx.view.with_untracked(|v| v.selected.clone());
@@ -342,20 +347,7 @@ pub fn OptimizePanel() -> AnyView {
             }
         }
     });
-    Effect::new(move || {
-        let q = query.get();
-        if q.trim().is_empty() {
-            hits.set(vec![]);
-            return;
-        }
-        leptos::task::spawn_local(async move {
-            if let Ok(found) = search_vocab(q.clone(), 12).await
-                && query.get_untracked() == q
-            {
-                hits.set(found);
-            }
-        });
-    });
+    vocab_search(query, hits);
     let tokens = move || {
         ctx.graph.with(|g| {
             g.as_ref()

@@ -225,6 +225,11 @@ pub fn optimize(
     }
     let target_logp = log_softmax(&dense(&ci.target_logits)?.i((0, cfg.position))?)?;
     let mut opt = AdamW::new(vars.iter().map(|v| (v.clone(), 0.0)).collect())?;
+    // The adversary's masks `ci + (1 − ci)·s` for the CI `lower`.
+    let adversarial = |pgd: &Pgd, lower: &[Tensor], rng: &mut Rng| {
+        let sources = adversary(model, &tokens, lower, &alive, pgd, cfg, &target_logp, rng)?;
+        interpolate(lower, &sources)
+    };
     let pre_of = |vars: &[Var]| -> candle_core::Result<Vec<Tensor>> {
         vars.iter()
             .zip(&alive)
@@ -249,17 +254,7 @@ pub fn optimize(
         let imp = importance_minimality(&upper, cfg.pnorm, cfg.beta)?;
         let mut total = ((recon * cfg.loss_coeff)? + (imp * cfg.imp_min_coeff)?)?;
         if let Some(pgd) = &cfg.pgd {
-            let sources = adversary(
-                model,
-                &tokens,
-                &lower,
-                &alive,
-                pgd,
-                cfg,
-                &target_logp,
-                &mut rng,
-            )?;
-            let masks = interpolate(&lower, &sources)?;
+            let masks = adversarial(pgd, &lower, &mut rng)?;
             let adv = recon_loss(
                 &model.masked_logits(&tokens, &masks, false)?,
                 cfg,
@@ -303,19 +298,11 @@ pub fn optimize(
     let stoch_masked_label_prob =
         label_prob(&stochastic_logits(model, &tokens, &lower, &mut rng)?)?;
     let adv_pgd_label_prob = match &cfg.pgd {
-        Some(pgd) => {
-            let sources = adversary(
-                model,
-                &tokens,
-                &lower,
-                &alive,
-                pgd,
-                cfg,
-                &target_logp,
-                &mut rng,
-            )?;
-            label_prob(&model.masked_logits(&tokens, &interpolate(&lower, &sources)?, false)?)?
-        }
+        Some(pgd) => label_prob(&model.masked_logits(
+            &tokens,
+            &adversarial(pgd, &lower, &mut rng)?,
+            false,
+        )?)?,
         None => None,
     };
     let host = |ts: &[Tensor]| -> candle_core::Result<Vec<Vec<Vec<f32>>>> {

@@ -293,9 +293,10 @@ impl Ctx<'_> {
         Some(out)
     }
 
-    /// `g J` for block `block`'s attention sublayer at position `s` (the delta-only Jacobian of
-    /// its output at `s` with respect to the stream at `s`): through o_proj's delta, then the
-    /// query at `s` (all keys), and the key and value at `s` itself.
+    /// `g J` for block `block`'s attention sublayer, each row `r` at its position `s = pos[r]`
+    /// (the delta-only Jacobian of the sublayer's output at `s` with respect to the stream at
+    /// `s`): through o_proj's delta, then the query at `s` (all keys), and the key and value at
+    /// `s` itself.
     fn attention_vjp(
         &self,
         deltas: &DeltaWeights,
@@ -380,8 +381,8 @@ impl Ctx<'_> {
         self.norm_vjp(LnSite::Attn(block), &deltas.norm_1[block], pos, parts)
     }
 
-    /// `g J` for block `block`'s MLP sublayer at position `s`: down_proj's delta, the activation's
-    /// derivative at the app's forward, the input projections' deltas, the norm.
+    /// `g J` for block `block`'s MLP sublayer, each row at its position: down_proj's delta, the
+    /// activation's derivative at the app's forward, the input projections' deltas, the norm.
     fn mlp_vjp(
         &self,
         deltas: &DeltaWeights,
