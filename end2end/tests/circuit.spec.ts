@@ -88,6 +88,13 @@ test('a box selects nodes, keep-only runs them, a fork is a second run, reload k
   await canvas.click({ position: { x, y }, modifiers: ['Shift'] });
   await expect.poll(() => selectedCount(page)).toBe(1);
   expect((await canvas.getAttribute('data-selected')) ?? '').toContain(key);
+  // `i` runs the panel from the keyboard.
+  const n = await runs.count();
+  await page.keyboard.press('i');
+  await expect(runs).toHaveCount(n + 1);
+  await expect(runs.last()).toContainText('keep 1 node');
+  await runs.last().locator('.iv-delete').click();
+  await expect(runs).toHaveCount(n);
   await page.keyboard.press('Escape');
   await expect.poll(() => selectedCount(page)).toBe(0);
   expect(errors).toEqual([]);

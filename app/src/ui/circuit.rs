@@ -96,6 +96,14 @@ pub fn CircuitPanel() -> AnyView {
             }
         });
     };
+    // `i` on the page runs the panel as it is set.
+    Effect::new(move |seen: Option<u32>| {
+        let n = ctx.intervene.get();
+        if seen.is_some_and(|s| s != n) && !busy.get_untracked() {
+            run(false);
+        }
+        n
+    });
     let remove = move |i: usize| {
         let Some(id) = runs.with_untracked(|v| v.get(i).and_then(|r| r.id)) else {
             runs.update(|v| {
@@ -125,7 +133,7 @@ pub fn CircuitPanel() -> AnyView {
             <h2>"Intervene"</h2>
             <p class="muted">
                 <span id="selected-count">{move || format!("{} nodes selected", n_selected())}</span>
-                " · shift-click a node or shift-drag a box to select"
+                " · shift-click a node or shift-drag a box to select; i runs"
             </p>
             <div class="buttons">
                 <button id="select-drawn" on:click=move |_| ctx.select_drawn()>"Select all drawn"</button>

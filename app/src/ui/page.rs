@@ -51,6 +51,8 @@ pub struct Ctx {
     pub layout: Memo<Option<Layout>>,
     /// Bumped to ask for the current graph again (retry).
     pub reload: RwSignal<u32>,
+    /// Bumped by the keyboard (`i`) to run the intervention panel on the selection.
+    pub intervene: RwSignal<u32>,
     pub search_box: NodeRef<leptos::html::Input>,
 }
 
@@ -176,6 +178,7 @@ pub fn GraphPage() -> AnyView {
         scene,
         layout,
         reload: RwSignal::new(0),
+        intervene: RwSignal::new(0),
         search_box: NodeRef::new(),
     };
     provide_context(ctx);
@@ -406,6 +409,7 @@ fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
             }
         }
         "f" if !typing => ctx.view.update(|v| v.set_viewport(Default::default())),
+        "i" if !typing => ctx.intervene.update(|n| *n += 1),
         _ => {}
     }
 }
