@@ -484,9 +484,16 @@ fn StatusLine() -> AnyView {
                     n => format!(", {} normalized", n.name()),
                 };
                 let optimized = g.optimization.as_ref().map_or(String::new(), |o| {
-                    let prob = o.ci_masked_label_prob.map_or(String::new(), |p| {
-                        format!(": label {:.1}% under the CI mask", 100.0 * p)
+                    let pct = |p: f32| format!("{:.1}%", 100.0 * p);
+                    let mut prob = o.ci_masked_label_prob.map_or(String::new(), |p| {
+                        format!(": label {} under the CI mask", pct(p))
                     });
+                    if let Some(p) = o.stoch_masked_label_prob {
+                        prob.push_str(&format!(", {} stochastic", pct(p)));
+                    }
+                    if let Some(p) = o.adv_pgd_label_prob {
+                        prob.push_str(&format!(", {} adversarial", pct(p)));
+                    }
                     format!(
                         " · optimized for {:?} at position {}{prob}, L0 {:.1} (was {:.1})",
                         o.label_str, o.spec.position, o.l0_total, o.l0_before
