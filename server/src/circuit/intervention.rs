@@ -295,51 +295,18 @@ fn keep_logits(
     t: usize,
     selected: &[Selected],
 ) -> candle_core::Result<Tensor> {
-    use crate::model::transformer::{Linear, LinearHook, ModuleId, PlainForward};
-    /// Per module: the kept columns and their `[1, T, k]` masks.
-    struct Keep<'a> {
-        model: &'a SpdModel,
-        kept: Vec<Option<(Tensor, Tensor)>>,
-    }
-    impl LinearHook for Keep<'_> {
-        fn linear(
-            &mut self,
-            id: ModuleId,
-            x: &Tensor,
-            linear: &Linear,
-        ) -> candle_core::Result<Tensor> {
-            let Some(i) = self.model.module_index(id) else {
-                return PlainForward.linear(id, x, linear);
-            };
-            let comps = &self.model.modules[i].components;
-            let (b, t, _) = x.dims3()?;
-            let d_out = comps.u.dim(1)?;
-            let out = match &self.kept[i] {
-                Some((cols, mask)) => {
-                    let v = comps.v.index_select(cols, 1)?;
-                    let u = comps.u.index_select(cols, 0)?;
-                    let acts = x.broadcast_matmul(&v)?;
-                    (acts * mask)?.broadcast_matmul(&u)?
-                }
-                None => Tensor::zeros((b, t, d_out), x.dtype(), x.device())?,
-            };
-            match &comps.bias {
-                Some(bias) => out.broadcast_add(bias),
-                None => Ok(out),
-            }
-        }
-    }
     let device = model.device();
-    let mut per_module: Vec<Vec<usize>> = vec![vec![]; model.modules.len()];
+    let mut cols: Vec<Vec<usize>> = vec![vec![]; model.modules.len()];
     for s in selected {
-        if !per_module[s.module].contains(&s.c) {
-            per_module[s.module].push(s.c);
+        if !cols[s.module].contains(&s.c) {
+            cols[s.module].push(s.c);
         }
     }
-    let mut kept = Vec::with_capacity(per_module.len());
-    for (m, cols) in per_module.iter().enumerate() {
+    let subsets = model.column_subsets(&cols)?;
+    let mut masks = Vec::with_capacity(cols.len());
+    for (m, cols) in cols.iter().enumerate() {
         if cols.is_empty() {
-            kept.push(None);
+            masks.push(None);
             continue;
         }
         let mut mask = vec![0f32; t * cols.len()];
@@ -353,13 +320,9 @@ fn keep_logits(
                 mask[p * cols.len() + j] = 1.0;
             }
         }
-        let idx: Vec<u32> = cols.iter().map(|c| *c as u32).collect();
-        kept.push(Some((
-            Tensor::from_vec(idx, cols.len(), device)?,
-            Tensor::from_vec(mask, (1, t, cols.len()), device)?,
-        )));
+        masks.push(Some(Tensor::from_vec(mask, (1, t, cols.len()), device)?));
     }
-    model.target.forward(tokens, &mut Keep { model, kept })
+    model.subset_logits(tokens, &subsets, &masks)
 }
 
 /// `KL(softmax(p) ‖ softmax(q))` of two logit rows, in float64 from log-softmax (so tokens the

@@ -223,11 +223,32 @@ pub fn optimize(
         alive.push(dense(&on)?);
         vars.push(Var::from_tensor(&dense(&start)?)?);
     }
+    // Only pairs alive at the start can be on: the CI forwards compute those columns alone.
+    let alive_cols: Vec<Vec<usize>> = ci
+        .lower
+        .iter()
+        .map(|m| {
+            let c = m.first().map_or(0, Vec::len);
+            (0..c)
+                .filter(|&j| m.iter().any(|row| row[j] > 0.0))
+                .collect()
+        })
+        .collect();
+    let subsets = model.column_subsets(&alive_cols)?;
+    // `masks` (dense, `[1, T, C]`) on the alive columns, the CI-masked forward.
+    let ci_logits = |masks: &[Tensor]| -> candle_core::Result<Tensor> {
+        let on: Vec<Option<Tensor>> = masks
+            .iter()
+            .zip(&subsets)
+            .map(|(m, s)| s.as_ref().map(|s| m.index_select(&s.index, 2)).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        model.subset_logits(&tokens, &subsets, &on)
+    };
     let target_logp = log_softmax(&dense(&ci.target_logits)?.i((0, cfg.position))?)?;
     let mut opt = AdamW::new(vars.iter().map(|v| (v.clone(), 0.0)).collect())?;
     // The adversary's masks `ci + (1 − ci)·s` for the CI `lower`.
     let adversarial = |pgd: &Pgd, lower: &[Tensor], rng: &mut Rng| {
-        let sources = adversary(model, &tokens, lower, &alive, pgd, cfg, &target_logp, rng)?;
+        let sources = adversary(&ci_logits, lower, &alive, pgd, cfg, &target_logp, rng)?;
         interpolate(lower, &sources)
     };
     let pre_of = |vars: &[Var]| -> candle_core::Result<Vec<Tensor>> {
@@ -247,7 +268,7 @@ pub fn optimize(
             .map(upper_leaky)
             .collect::<candle_core::Result<Vec<_>>>()?;
         let logits = match cfg.mask_type {
-            MaskType::Ci => model.masked_logits(&tokens, &lower, false)?,
+            MaskType::Ci => ci_logits(&lower)?,
             MaskType::Stochastic => stochastic_logits(model, &tokens, &lower, &mut rng)?,
         };
         let recon = recon_loss(&logits, cfg, &target_logp)?;
@@ -255,11 +276,7 @@ pub fn optimize(
         let mut total = ((recon * cfg.loss_coeff)? + (imp * cfg.imp_min_coeff)?)?;
         if let Some(pgd) = &cfg.pgd {
             let masks = adversarial(pgd, &lower, &mut rng)?;
-            let adv = recon_loss(
-                &model.masked_logits(&tokens, &masks, false)?,
-                cfg,
-                &target_logp,
-            )?;
+            let adv = recon_loss(&ci_logits(&masks)?, cfg, &target_logp)?;
             total = (total + (adv * cfg.loss_coeff)?)?;
         }
         let report = Progress {
@@ -294,15 +311,11 @@ pub fn optimize(
             Recon::Kl => Ok(None),
         }
     };
-    let ci_masked_label_prob = label_prob(&model.masked_logits(&tokens, &lower, false)?)?;
+    let ci_masked_label_prob = label_prob(&ci_logits(&lower)?)?;
     let stoch_masked_label_prob =
         label_prob(&stochastic_logits(model, &tokens, &lower, &mut rng)?)?;
     let adv_pgd_label_prob = match &cfg.pgd {
-        Some(pgd) => label_prob(&model.masked_logits(
-            &tokens,
-            &adversarial(pgd, &lower, &mut rng)?,
-            false,
-        )?)?,
+        Some(pgd) => label_prob(&ci_logits(&adversarial(pgd, &lower, &mut rng)?)?)?,
         None => None,
     };
     let host = |ts: &[Tensor]| -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
@@ -402,11 +415,10 @@ fn interpolate(lower: &[Tensor], sources: &[Tensor]) -> candle_core::Result<Vec<
 }
 
 /// spd's `_run_adv_pgd`: sources on alive pairs that maximise the reconstruction loss under
-/// `ci + (1 − ci)·s` (CI detached), by `n_steps` of `s ← clamp(s + step·sign(∇), 0, 1)`.
-#[allow(clippy::too_many_arguments)]
+/// `ci + (1 − ci)·s` (CI detached), by `n_steps` of `s ← clamp(s + step·sign(∇), 0, 1)`;
+/// `forward` is the masked forward (no deltas).
 fn adversary(
-    model: &SpdModel,
-    tokens: &Tensor,
+    forward: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     lower: &[Tensor],
     alive: &[Tensor],
     pgd: &Pgd,
@@ -427,11 +439,7 @@ fn adversary(
     for _ in 0..pgd.n_steps {
         let s: Vec<Tensor> = sources.iter().map(|v| v.as_tensor().clone()).collect();
         let masks = interpolate(&lower, &s)?;
-        let loss = recon_loss(
-            &model.masked_logits(tokens, &masks, false)?,
-            cfg,
-            target_logp,
-        )?;
+        let loss = recon_loss(&forward(&masks)?, cfg, target_logp)?;
         let grads = loss.backward()?;
         for (v, a) in sources.iter().zip(alive) {
             let Some(g) = grads.get(v) else { continue };

@@ -10,5 +10,5 @@ pub mod synthetic;
 pub mod transformer;
 
 pub use error::{LoadError, RunError};
-pub use spd::{CiOutput, SpdModel};
+pub use spd::{CiOutput, ColumnSubset, SpdModel};
 pub use transformer::{ModuleId, ModuleKind};

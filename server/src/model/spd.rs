@@ -579,6 +579,74 @@ impl SpdModel {
         )
     }
 
+    /// Each module's components restricted to `cols[i]` (`None` where that is empty), for
+    /// [`Self::subset_logits`].
+    pub fn column_subsets(&self, cols: &[Vec<usize>]) -> Result<Vec<Option<ColumnSubset>>> {
+        self.modules
+            .iter()
+            .zip(cols)
+            .map(|(m, cols)| {
+                if cols.is_empty() {
+                    return Ok(None);
+                }
+                let idx: Vec<u32> = cols.iter().map(|c| *c as u32).collect();
+                let idx = Tensor::from_vec(idx, cols.len(), self.device())?;
+                Ok(Some(ColumnSubset {
+                    cols: cols.clone(),
+                    index: idx.clone(),
+                    v: m.components.v.index_select(&idx, 1)?,
+                    u: m.components.u.index_select(&idx, 0)?,
+                }))
+            })
+            .collect()
+    }
+
+    /// Logits `[B, T, vocab]` of the component model whose masks are zero outside each module's
+    /// subset, `masks[i]` (`[B, T, k_i]`) on it; no deltas. Only the subset's columns are
+    /// computed, which for a sparse mask (a kept circuit, the alive pairs of an optimisation) is a
+    /// fraction of the two `[T, d] × [d, C]` products per module.
+    pub fn subset_logits(
+        &self,
+        tokens: &Tensor,
+        subsets: &[Option<ColumnSubset>],
+        masks: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        struct Subset<'a> {
+            model: &'a SpdModel,
+            subsets: &'a [Option<ColumnSubset>],
+            masks: &'a [Option<Tensor>],
+        }
+        impl LinearHook for Subset<'_> {
+            fn linear(&mut self, id: ModuleId, x: &Tensor, linear: &Linear) -> Result<Tensor> {
+                let Some(i) = self.model.module_index(id) else {
+                    return PlainForward.linear(id, x, linear);
+                };
+                let comps = &self.model.modules[i].components;
+                let out = match (&self.subsets[i], &self.masks[i]) {
+                    (Some(sub), Some(mask)) => {
+                        (x.broadcast_matmul(&sub.v)? * mask)?.broadcast_matmul(&sub.u)?
+                    }
+                    _ => {
+                        let (b, t, _) = x.dims3()?;
+                        Tensor::zeros((b, t, comps.u.dim(1)?), x.dtype(), x.device())?
+                    }
+                };
+                match &comps.bias {
+                    Some(bias) => out.broadcast_add(bias),
+                    None => Ok(out),
+                }
+            }
+        }
+        self.target.forward(
+            tokens,
+            &mut Subset {
+                model: self,
+                subsets,
+                masks,
+            },
+        )
+    }
+
     /// Masks of all ones for every module, `[1, T, C]`.
     pub fn ones_masks(&self, t: usize) -> Result<Vec<Tensor>> {
         self.modules
@@ -586,6 +654,18 @@ impl SpdModel {
             .map(|m| Tensor::ones((1, t, m.components.c()), DType::F32, self.device()))
             .collect()
     }
+}
+
+/// A module's components restricted to some of them (see [`SpdModel::subset_logits`]).
+#[derive(Debug, Clone)]
+pub struct ColumnSubset {
+    pub cols: Vec<usize>,
+    /// `cols` as a `u32` tensor on the model's device, to gather masks with.
+    pub index: Tensor,
+    /// `V[:, cols]`, `[d_in, k]`
+    v: Tensor,
+    /// `U[cols, :]`, `[k, d_out]`
+    u: Tensor,
 }
 
 /// How a component forward adds the weight deltas.
