@@ -272,3 +272,54 @@ fn the_loss_falls_cancelling_stops_and_bad_configs_are_refused() {
         assert!(err.to_string().contains(msg), "{bad:?}: {err}");
     }
 }
+
+/// Stochastic masks and the PGD adversary run, are seeded (the same seed, the same result), and
+/// report their label probabilities. The adversary ascends the loss, so on this prompt its label
+/// probability is below the CI mask's (a search from a random start, so not a law: a fixed seed).
+#[test]
+fn stochastic_masks_and_pgd_are_seeded_and_reported() {
+    use server::circuit::{MaskType, Pgd, PgdInit};
+    let model = SpdModel::load(&fixture_dir("v2/llama_glu_global"), &Device::Cpu).unwrap();
+    let tokens = [5u32, 17, 40, 2, 61, 33, 8];
+    let ci = PromptCi::compute(&model, &tokens).unwrap();
+    let cfg = OptimConfig {
+        mask_type: MaskType::Stochastic,
+        pgd: Some(Pgd {
+            n_steps: 3,
+            step_size: 0.1,
+            init: PgdInit::Random,
+        }),
+        seed: 7,
+        ..OptimConfig::ce(6, 12, 8, 1e-3, 0.5)
+    };
+    let run = || optimize(&model, &ci, &cfg, &mut |_| ControlFlow::Continue(())).unwrap();
+    let (a, b) = (run(), run());
+    assert_eq!(a.pre_sigmoid, b.pre_sigmoid);
+    assert_eq!(a.metrics, b.metrics);
+    let m = &a.metrics;
+    for p in [
+        m.ci_masked_label_prob,
+        m.stoch_masked_label_prob,
+        m.adv_pgd_label_prob,
+    ] {
+        assert!((0.0..=1.0).contains(&p.unwrap()), "{m:?}");
+    }
+    assert!(
+        m.adv_pgd_label_prob.unwrap() <= m.ci_masked_label_prob.unwrap() + 1e-6,
+        "{m:?}"
+    );
+    let other = optimize(
+        &model,
+        &ci,
+        &OptimConfig {
+            seed: 8,
+            ..cfg.clone()
+        },
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_ne!(
+        other.pre_sigmoid, a.pre_sigmoid,
+        "the seed drives the masks"
+    );
+}

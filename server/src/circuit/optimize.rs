@@ -207,15 +207,36 @@ pub fn optimize(
         let c = rows.first().map_or(0, Vec::len);
         Tensor::from_vec(rows.concat(), (1, t, c), &dev)
     };
+    // Only pairs alive at the start can be on, so everything runs on each module's alive columns
+    // (a column alive at some position; column 0 where none is, so no tensor is empty): the
+    // variables, the masks and the CI forward's products. The other columns stay at pre-sigmoid
+    // 0, whose only trace is a constant in the importance-minimality term.
+    let cols: Vec<Vec<usize>> = ci
+        .lower
+        .iter()
+        .map(|m| {
+            let c = m.first().map_or(0, Vec::len);
+            let on: Vec<usize> = (0..c)
+                .filter(|&j| m.iter().any(|row| row[j] > 0.0))
+                .collect();
+            if on.is_empty() { vec![0] } else { on }
+        })
+        .collect();
+    let subsets = model.column_subsets(&cols)?;
+    let gather = |rows: &[Vec<f32>], cols: &[usize]| -> Vec<Vec<f32>> {
+        rows.iter()
+            .map(|r| cols.iter().map(|&j| r[j]).collect())
+            .collect()
+    };
     // Alive pairs as 0/1 masks; the variables start at the model's pre-sigmoid CI there, 0 off.
     let mut alive = Vec::new();
     let mut vars = Vec::new();
-    for (lower, pre) in ci.lower.iter().zip(&ci.pre_sigmoid) {
-        let on: Vec<Vec<f32>> = lower
+    for ((lower, pre), cols) in ci.lower.iter().zip(&ci.pre_sigmoid).zip(&cols) {
+        let on: Vec<Vec<f32>> = gather(lower, cols)
             .iter()
             .map(|r| r.iter().map(|v| f32::from(*v > 0.0)).collect())
             .collect();
-        let start: Vec<Vec<f32>> = pre
+        let start: Vec<Vec<f32>> = gather(pre, cols)
             .iter()
             .zip(&on)
             .map(|(p, o)| p.iter().zip(o).map(|(p, o)| p * o).collect())
@@ -223,26 +244,35 @@ pub fn optimize(
         alive.push(dense(&on)?);
         vars.push(Var::from_tensor(&dense(&start)?)?);
     }
-    // Only pairs alive at the start can be on: the CI forwards compute those columns alone.
-    let alive_cols: Vec<Vec<usize>> = ci
-        .lower
-        .iter()
-        .map(|m| {
-            let c = m.first().map_or(0, Vec::len);
-            (0..c)
-                .filter(|&j| m.iter().any(|row| row[j] > 0.0))
-                .collect()
-        })
-        .collect();
-    let subsets = model.column_subsets(&alive_cols)?;
-    // `masks` (dense, `[1, T, C]`) on the alive columns, the CI-masked forward.
+    // What the columns left out add to the importance-minimality term: per column a mean of
+    // `ε^p` (and its β part).
+    let left_out: f64 = {
+        let e = IMP_MIN_EPS.powf(cfg.pnorm);
+        let per_column = e + cfg.beta * e * (1.0 + t as f64 * e).log2();
+        model
+            .modules
+            .iter()
+            .zip(&cols)
+            .map(|(m, c)| (m.components.c() - c.len()) as f64 * per_column)
+            .sum()
+    };
+    // The CI-masked forward of masks on the alive columns.
     let ci_logits = |masks: &[Tensor]| -> candle_core::Result<Tensor> {
-        let on: Vec<Option<Tensor>> = masks
+        let on: Vec<Option<Tensor>> = masks.iter().map(|m| Some(m.clone())).collect();
+        model.subset_logits(&tokens, &subsets, &on)
+    };
+    // Masks on the alive columns spread over every column (zeros elsewhere).
+    let spread = |masks: &[Tensor]| -> candle_core::Result<Vec<Tensor>> {
+        masks
             .iter()
             .zip(&subsets)
-            .map(|(m, s)| s.as_ref().map(|s| m.index_select(&s.index, 2)).transpose())
-            .collect::<candle_core::Result<_>>()?;
-        model.subset_logits(&tokens, &subsets, &on)
+            .zip(&model.modules)
+            .map(|((m, s), module)| {
+                let s = s.as_ref().expect("every module has a column");
+                Tensor::zeros((1, t, module.components.c()), DType::F32, &dev)?
+                    .index_add(&s.index, m, 2)
+            })
+            .collect()
     };
     let target_logp = log_softmax(&dense(&ci.target_logits)?.i((0, cfg.position))?)?;
     let mut opt = AdamW::new(vars.iter().map(|v| (v.clone(), 0.0)).collect())?;
@@ -269,10 +299,10 @@ pub fn optimize(
             .collect::<candle_core::Result<Vec<_>>>()?;
         let logits = match cfg.mask_type {
             MaskType::Ci => ci_logits(&lower)?,
-            MaskType::Stochastic => stochastic_logits(model, &tokens, &lower, &mut rng)?,
+            MaskType::Stochastic => stochastic_logits(model, &tokens, &spread(&lower)?, &mut rng)?,
         };
         let recon = recon_loss(&logits, cfg, &target_logp)?;
-        let imp = importance_minimality(&upper, cfg.pnorm, cfg.beta)?;
+        let imp = (importance_minimality(&upper, cfg.pnorm, cfg.beta)? + left_out)?;
         let mut total = ((recon * cfg.loss_coeff)? + (imp * cfg.imp_min_coeff)?)?;
         if let Some(pgd) = &cfg.pgd {
             let masks = adversarial(pgd, &lower, &mut rng)?;
@@ -312,14 +342,21 @@ pub fn optimize(
         }
     };
     let ci_masked_label_prob = label_prob(&ci_logits(&lower)?)?;
-    let stoch_masked_label_prob =
-        label_prob(&stochastic_logits(model, &tokens, &lower, &mut rng)?)?;
+    let stoch_masked_label_prob = label_prob(&stochastic_logits(
+        model,
+        &tokens,
+        &spread(&lower)?,
+        &mut rng,
+    )?)?;
     let adv_pgd_label_prob = match &cfg.pgd {
         Some(pgd) => label_prob(&ci_logits(&adversarial(pgd, &lower, &mut rng)?)?)?,
         None => None,
     };
     let host = |ts: &[Tensor]| -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
-        ts.iter().map(|t| t.squeeze(0)?.to_vec2()).collect()
+        spread(ts)?
+            .iter()
+            .map(|t| t.squeeze(0)?.to_vec2())
+            .collect()
     };
     let alive_counts = host(&alive)?
         .iter()
