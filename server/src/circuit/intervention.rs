@@ -219,20 +219,19 @@ pub fn intervene_with(
             .to_device(&Device::Cpu)?
             .to_vec2()
     };
-    let logits = match iv.mode {
-        Mode::Keep => keep_logits(model, &tokens, t, &iv.selected)?,
-        _ => {
-            let (masks, with_delta) = masks(model, ci, iv);
-            let to_tensor = |m: &Vec<Vec<f32>>| -> candle_core::Result<Tensor> {
-                let c = m.first().map_or(0, Vec::len);
-                Tensor::from_vec(m.concat(), (1, t, c), &Device::Cpu)?.to_device(device)
-            };
-            let masks: Vec<Tensor> = masks
-                .iter()
-                .map(to_tensor)
-                .collect::<candle_core::Result<_>>()?;
-            model.masked_logits(&tokens, &masks, with_delta)?
-        }
+    let (masks, with_delta) = masks(model, ci, iv);
+    let logits = if with_delta {
+        let to_tensor = |m: &Vec<Vec<f32>>| -> candle_core::Result<Tensor> {
+            let c = m.first().map_or(0, Vec::len);
+            Tensor::from_vec(m.concat(), (1, t, c), &Device::Cpu)?.to_device(device)
+        };
+        let masks: Vec<Tensor> = masks
+            .iter()
+            .map(to_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        model.masked_logits(&tokens, &masks, true)?
+    } else {
+        sparse_logits(model, &tokens, &masks)?
     };
     let probs = rows(softmax_last(&logits)?)?;
     let logits = rows(logits)?;
@@ -240,11 +239,7 @@ pub fn intervene_with(
     let ci_masked = match ci_masked {
         Some(p) => p,
         None => {
-            computed = rows(softmax_last(&model.masked_logits(
-                &tokens,
-                &ci.lower_tensors,
-                false,
-            )?)?)?;
+            computed = rows(softmax_last(&sparse_logits(model, &tokens, &ci.lower)?)?)?;
             &computed[..]
         }
     };
@@ -286,43 +281,40 @@ pub fn intervene_with(
     })
 }
 
-/// The keep-only forward, touching only the kept components: every other mask is 0, so a module's
-/// output is `Σ_kept a_c U_c + b` with `a_c = x V_c` for the kept columns alone (a few dot products
-/// instead of two `[T, d] × [d, C]` products per module).
-fn keep_logits(
+/// The masked forward without deltas of `masks` (`[module][pos][c]`), touching only the columns
+/// some position turns on: a kept circuit, or the CI (which is mostly 0), costs a few dot
+/// products per module instead of two `[T, d] × [d, C]` products.
+fn sparse_logits(
     model: &SpdModel,
     tokens: &Tensor,
-    t: usize,
-    selected: &[Selected],
+    masks: &[Vec<Vec<f32>>],
 ) -> candle_core::Result<Tensor> {
     let device = model.device();
-    let mut cols: Vec<Vec<usize>> = vec![vec![]; model.modules.len()];
-    for s in selected {
-        if !cols[s.module].contains(&s.c) {
-            cols[s.module].push(s.c);
-        }
-    }
+    let cols: Vec<Vec<usize>> = masks
+        .iter()
+        .map(|m| {
+            let c = m.first().map_or(0, Vec::len);
+            (0..c)
+                .filter(|&j| m.iter().any(|row| row[j] != 0.0))
+                .collect()
+        })
+        .collect();
     let subsets = model.column_subsets(&cols)?;
-    let mut masks = Vec::with_capacity(cols.len());
-    for (m, cols) in cols.iter().enumerate() {
-        if cols.is_empty() {
-            masks.push(None);
-            continue;
-        }
-        let mut mask = vec![0f32; t * cols.len()];
-        for s in selected.iter().filter(|s| s.module == m) {
-            let j = cols.iter().position(|c| *c == s.c).expect("listed above");
-            let positions = match s.pos {
-                Some(p) => p..p + 1,
-                None => 0..t,
-            };
-            for p in positions {
-                mask[p * cols.len() + j] = 1.0;
+    let on = masks
+        .iter()
+        .zip(&cols)
+        .map(|(m, cols)| {
+            if cols.is_empty() {
+                return Ok(None);
             }
-        }
-        masks.push(Some(Tensor::from_vec(mask, (1, t, cols.len()), device)?));
-    }
-    model.subset_logits(tokens, &subsets, &masks)
+            let data: Vec<f32> = m
+                .iter()
+                .flat_map(|row| cols.iter().map(|&j| row[j]))
+                .collect();
+            Tensor::from_vec(data, (1, m.len(), cols.len()), device).map(Some)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    model.subset_logits(tokens, &subsets, &on)
 }
 
 /// `KL(softmax(p) ‖ softmax(q))` of two logit rows, in float64 from log-softmax (so tokens the
