@@ -299,6 +299,20 @@ fn sparse_logits(
                 .collect()
         })
         .collect();
+    // Where most columns are on somewhere (the CI of a long prompt), the plain products win.
+    let (on, total) = cols.iter().zip(masks).fold((0, 0), |(a, b), (c, m)| {
+        (a + c.len(), b + m.first().map_or(0, Vec::len))
+    });
+    if 2 * on > total {
+        let dense = masks
+            .iter()
+            .map(|m| {
+                let c = m.first().map_or(0, Vec::len);
+                Tensor::from_vec(m.concat(), (1, m.len(), c), &Device::Cpu)?.to_device(device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        return model.masked_logits(tokens, &dense, false);
+    }
     let subsets = model.column_subsets(&cols)?;
     let on = masks
         .iter()
