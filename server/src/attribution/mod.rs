@@ -3,6 +3,7 @@
 pub mod active;
 pub mod fast;
 pub mod graph;
+pub mod influence;
 pub mod layer;
 pub mod normalize;
 pub mod prompt;
