@@ -34,3 +34,11 @@ pub fn find_for(model: &SpdModel) -> Option<PathBuf> {
     }
     candidates.into_iter().find(|p| p.is_file())
 }
+
+/// How a token is shown: its decoded text, else its vocabulary entry, else `#id` (a run without a
+/// tokenizer).
+pub fn token_string(tokenizer: Option<&tokenizers::Tokenizer>, id: u32) -> String {
+    tokenizer
+        .and_then(|t| t.decode(&[id], false).ok().or_else(|| t.id_to_token(id)))
+        .unwrap_or_else(|| format!("#{id}"))
+}

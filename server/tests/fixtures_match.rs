@@ -54,12 +54,7 @@ fn check_fixture(name: &str, checkpoint: &str) {
 
     let (mut ci_err, mut logit_err, mut edge_err, mut fast_err) = (0f64, 0f64, 0f64, 0f64);
     for p in exp["prompts"].as_array().unwrap() {
-        let tokens: Vec<u32> = p["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
+        let tokens = common::token_ids(p);
         let ci = PromptCi::compute(&model, &tokens).unwrap();
         ci_err = ci_err
             .max(per_module_diff(&model, &ci.lower, &p["ci_lower_leaky"]))

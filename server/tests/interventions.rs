@@ -19,12 +19,7 @@ fn check_fixture(name: &str) {
     let mut checked = 0;
     for p in exp["prompts"].as_array().unwrap() {
         let iv = &p["modes"]["fp32"]["intervention"];
-        let tokens: Vec<u32> = p["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
+        let tokens = common::token_ids(p);
         let selected: Vec<Selected> = iv["active_nodes"]
             .as_array()
             .unwrap()

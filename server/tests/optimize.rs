@@ -24,12 +24,7 @@ fn check(name: &str) {
     let o = &exp["optimized"];
     let k = &exp["meta"]["constants"]["optim"];
     let p = &exp["prompts"][o["prompt_index"].as_u64().unwrap() as usize];
-    let tokens: Vec<u32> = p["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
+    let tokens = common::token_ids(p);
     let position = o["position"].as_u64().unwrap() as usize;
     let cfg = OptimConfig {
         loss_coeff: k["loss_coeff"].as_f64().unwrap(),

@@ -289,11 +289,7 @@ fn token_names(args: &Args, model: &SpdModel) -> impl Fn(u32) -> String {
         .clone()
         .or_else(|| server::tokenizer::find_for(model));
     let tok = path.and_then(|p| tokenizers::Tokenizer::from_file(p).ok());
-    move |id| {
-        tok.as_ref()
-            .and_then(|t| t.decode(&[id], false).ok().or_else(|| t.id_to_token(id)))
-            .unwrap_or_else(|| format!("#{id}"))
-    }
+    move |id| server::tokenizer::token_string(tok.as_ref(), id)
 }
 
 /// `--intervene`: the intervention forward on the prompt, or on its fork with `--replace`.

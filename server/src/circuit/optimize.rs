@@ -281,22 +281,26 @@ pub fn optimize(
         let sources = adversary(&ci_logits, lower, &alive, pgd, cfg, &target_logp, rng)?;
         interpolate(lower, &sources)
     };
-    let pre_of = |vars: &[Var]| -> candle_core::Result<Vec<Tensor>> {
-        vars.iter()
+    // The variables' pre-sigmoid CI (0 off the alive pairs) and its lower and upper leaky CI.
+    type Ci = (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>);
+    let ci_of = |vars: &[Var]| -> candle_core::Result<Ci> {
+        let pre = vars
+            .iter()
             .zip(&alive)
             .map(|(v, a)| v.as_tensor() * a)
-            .collect()
-    };
-    for step in 0..cfg.steps {
-        let pre = pre_of(&vars)?;
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let lower = pre
             .iter()
             .map(lower_leaky)
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<_>>()?;
         let upper = pre
             .iter()
             .map(upper_leaky)
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<_>>()?;
+        Ok((pre, lower, upper))
+    };
+    for step in 0..cfg.steps {
+        let (_, lower, upper) = ci_of(&vars)?;
         let logits = match cfg.mask_type {
             MaskType::Ci => ci_logits(&lower)?,
             MaskType::Stochastic => stochastic_logits(model, &tokens, &spread(&lower)?, &mut rng)?,
@@ -322,15 +326,7 @@ pub fn optimize(
         opt.step(&grads, cfg.lr, None)?;
     }
 
-    let pre = pre_of(&vars)?;
-    let lower = pre
-        .iter()
-        .map(lower_leaky)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let upper = pre
-        .iter()
-        .map(upper_leaky)
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (pre, lower, upper) = ci_of(&vars)?;
     let label_prob = |logits: &Tensor| -> candle_core::Result<Option<f32>> {
         match cfg.recon {
             Recon::Ce { label } => Ok(Some(
@@ -414,7 +410,21 @@ fn importance_minimality(upper: &[Tensor], pnorm: f64, beta: f64) -> candle_core
     total.ok_or_else(|| candle_core::Error::Msg("no decomposed modules".into()))
 }
 
-/// Σ over modules of the mean over positions of the number of components with CI > 0.
+/// Σ over modules of the mean over positions of the number of components with CI > 0, of CI as
+/// [`PromptCi`] holds it (`[module][position][c]`).
+pub fn l0(lower: &[Vec<Vec<f32>>]) -> f64 {
+    lower
+        .iter()
+        .map(|m| {
+            m.iter()
+                .map(|r| r.iter().filter(|v| **v > 0.0).count() as f64)
+                .sum::<f64>()
+                / m.len().max(1) as f64
+        })
+        .sum()
+}
+
+/// [`l0`] of CI tensors (`[1, T, C]` per module).
 fn l0_total(lower: &[Tensor]) -> candle_core::Result<f64> {
     let mut total = 0f64;
     for l in lower {

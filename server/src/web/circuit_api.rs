@@ -279,38 +279,69 @@ impl Data {
         tokens: &[u32],
         progress: &mut dyn FnMut(Value) -> ControlFlow<()>,
     ) -> Result<Value, ApiError> {
-        let model = &self.run.model;
-        let internal = |e: String| ApiError::internal(e);
-        let ci = PromptCi::compute(model, tokens).map_err(|e| internal(e.to_string()))?;
         let cfg = &req.cfg;
-        let opt = optimize(model, &ci, cfg, &mut |p| {
-            progress(json!({
-                "type": "progress",
-                "current": p.step,
-                "total": p.steps,
-                "stage": "optimizing",
-                "loss": p.loss,
-                "l0": p.l0,
-            }))
-        })
-        .map_err(|e| match e {
-            crate::circuit::OptimError::Config(m) => ApiError::bad_request(m),
-            e => internal(e.to_string()),
-        })?;
-        let _ = progress(json!({"type": "progress", "current": 0, "total": 1, "stage": "graph"}));
-        let prompt = optimized_prompt(model, &ci, &opt, cfg.position)
-            .map_err(|e| internal(e.to_string()))?;
-        let graph = self.run.graph_of_ci(
+        // Both stages report on the one stream.
+        let progress = std::cell::RefCell::new(progress);
+        let (graph, opt, _) = self.optimize_then_graph(
             Some(req.prompt_id),
-            &prompt,
+            tokens,
+            cfg,
             req.params,
             &|_| None,
-            &|_, _| {},
+            &mut |p| {
+                (progress.borrow_mut())(json!({
+                    "type": "progress",
+                    "current": p.step,
+                    "total": p.steps,
+                    "stage": "optimizing",
+                    "loss": p.loss,
+                    "l0": p.l0,
+                }))
+            },
+            &mut || {
+                let _ = (progress.borrow_mut())(
+                    json!({"type": "progress", "current": 0, "total": 1, "stage": "graph"}),
+                );
+            },
         )?;
-        let mut doc = serde_json::to_value(&graph).map_err(|e| internal(e.to_string()))?;
+        let mut doc =
+            serde_json::to_value(&graph).map_err(|e| ApiError::internal(e.to_string()))?;
         doc["graphType"] = json!("optimized");
         doc["optimization"] = optimization_json(cfg, &opt.metrics, &|t| self.run.token_string(t));
         Ok(doc)
+    }
+
+    /// The optimisation of `cfg` on `tokens` (each step seen by `on_step`, which may stop it),
+    /// then, after `on_graph`, the graph of the tokens up to the position under the optimised CI;
+    /// with the optimisation and the model's own CI. Both the HTTP API and the page use it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn optimize_then_graph(
+        &self,
+        prompt_id: Option<i64>,
+        tokens: &[u32],
+        cfg: &OptimConfig,
+        params: GraphParams,
+        mean_ci: &dyn Fn(&str) -> Option<f64>,
+        on_step: &mut dyn FnMut(crate::circuit::Progress) -> ControlFlow<()>,
+        on_graph: &mut dyn FnMut(),
+    ) -> Result<(app::types::GraphData, crate::circuit::Optimized, PromptCi), ApiError> {
+        let model = &self.run.model;
+        model
+            .check_tokens(tokens)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let internal = |e: String| ApiError::internal(e);
+        let ci = PromptCi::compute(model, tokens).map_err(|e| internal(e.to_string()))?;
+        let opt = optimize(model, &ci, cfg, on_step).map_err(|e| match e {
+            crate::circuit::OptimError::Config(m) => ApiError::bad_request(m),
+            e => internal(e.to_string()),
+        })?;
+        on_graph();
+        let prompt = optimized_prompt(model, &ci, &opt, cfg.position)
+            .map_err(|e| internal(e.to_string()))?;
+        let graph = self
+            .run
+            .graph_of_ci(prompt_id, &prompt, params, mean_ci, &|_, _| {})?;
+        Ok((graph, opt, ci))
     }
 }
 
@@ -397,36 +428,20 @@ impl Data {
         mean_ci: &dyn Fn(&str) -> Option<f64>,
         progress: &dyn Fn(usize, usize),
     ) -> Result<app::types::GraphData, ApiError> {
-        let model = &self.run.model;
-        model
-            .check_tokens(tokens)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let cfg = self.optim_config(spec);
-        let internal = |e: String| ApiError::internal(e);
-        let ci = PromptCi::compute(model, tokens).map_err(|e| internal(e.to_string()))?;
-        let opt = optimize(model, &ci, &cfg, &mut |p| {
-            progress(p.step, p.steps);
-            ControlFlow::Continue(())
-        })
-        .map_err(|e| match e {
-            crate::circuit::OptimError::Config(m) => ApiError::bad_request(m),
-            e => internal(e.to_string()),
-        })?;
-        let prompt = optimized_prompt(model, &ci, &opt, cfg.position)
-            .map_err(|e| internal(e.to_string()))?;
-        let mut graph = self
-            .run
-            .graph_of_ci(prompt_id, &prompt, params, mean_ci, &|_, _| {})?;
-        let l0_before: f64 = ci
-            .lower
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .map(|r| r.iter().filter(|v| **v > 0.0).count() as f64)
-                    .sum::<f64>()
-                    / m.len().max(1) as f64
-            })
-            .sum();
+        let (mut graph, opt, ci) = self.optimize_then_graph(
+            prompt_id,
+            tokens,
+            &cfg,
+            params,
+            mean_ci,
+            &mut |p| {
+                progress(p.step, p.steps);
+                ControlFlow::Continue(())
+            },
+            &mut || {},
+        )?;
+        let l0_before = crate::circuit::optimize::l0(&ci.lower);
         graph.optimization = Some(app::types::OptimizationInfo {
             spec: *spec,
             label_str: self.run.token_string(spec.label),

@@ -33,10 +33,7 @@ impl Data {
 
     /// Runs `params` and keeps the run in the prompt's history.
     pub fn intervene(&self, params: InterventionParams) -> Result<InterventionRun, ApiError> {
-        let tokens = match &params.prompt {
-            PromptRef::Stored(id) => self.prompt_tokens(*id)?,
-            PromptRef::Text(text) => self.run.tokenize(text)?,
-        };
+        let tokens = self.tokens_of(&params.prompt)?;
         self.run
             .model
             .check_tokens(&tokens)

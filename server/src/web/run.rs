@@ -92,10 +92,7 @@ impl Run {
 
     /// How a token reads on the page: the tokenizer's decoding of it alone, or `#id` without one.
     pub fn token_string(&self, id: u32) -> String {
-        self.tokenizer
-            .as_ref()
-            .and_then(|t| t.decode(&[id], false).ok().or_else(|| t.id_to_token(id)))
-            .unwrap_or_else(|| format!("#{id}"))
+        crate::tokenizer::token_string(self.tokenizer.as_ref(), id)
     }
 
     /// The prompt as one string, for lists and text search.

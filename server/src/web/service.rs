@@ -255,10 +255,7 @@ impl Service {
         ticket: Option<u64>,
     ) -> Result<Arc<GraphData>, ApiError> {
         params.check().map_err(ApiError::bad_request)?;
-        let tokens = match &prompt {
-            PromptRef::Stored(id) => self.data.prompt_tokens(*id)?,
-            PromptRef::Text(text) => self.data.run.tokenize(text)?,
-        };
+        let tokens = self.data.tokens_of(&prompt)?;
         // Refuse a bad optimisation now, not after waiting in the queue.
         self.data
             .optim_config(&spec)
@@ -283,10 +280,11 @@ impl Data {
         key: &GraphKey,
         progress: &dyn Fn(usize, usize),
     ) -> Result<GraphData, ApiError> {
-        let (id, tokens) = match &key.prompt {
-            PromptRef::Stored(id) => (Some(*id), self.prompt_tokens(*id)?),
-            PromptRef::Text(text) => (None, self.run.tokenize(text)?),
+        let id = match &key.prompt {
+            PromptRef::Stored(id) => Some(*id),
+            PromptRef::Text(_) => None,
         };
+        let tokens = self.tokens_of(&key.prompt)?;
         let params = key.params();
         let means = if params.max_mean_ci < 1.0 {
             Some(self.mean_ci())
@@ -306,6 +304,14 @@ impl Data {
             Prompts::List(_) => Err(ApiError::bad_request(
                 "the server was started without a database (--db), so it cannot search components",
             )),
+        }
+    }
+
+    /// Token ids of a stored prompt or of typed text.
+    pub fn tokens_of(&self, prompt: &PromptRef) -> Result<Vec<u32>, ApiError> {
+        match prompt {
+            PromptRef::Stored(id) => self.prompt_tokens(*id),
+            PromptRef::Text(text) => self.run.tokenize(text),
         }
     }
 

@@ -153,3 +153,13 @@ pub fn canonical_names(exp: &Value) -> impl Fn(&str) -> String + '_ {
         }
     }
 }
+
+/// A fixture prompt's `tokens` as ids.
+pub fn token_ids(prompt: &Value) -> Vec<u32> {
+    prompt["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}

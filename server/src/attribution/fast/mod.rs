@@ -456,12 +456,7 @@ impl FastEngine {
         keep: &(dyn Fn(&Edge) -> bool + Sync),
         progress: &dyn Fn(usize, usize),
     ) -> Result<(Graph, usize), RunError> {
-        let how = How {
-            th,
-            semantics: Semantics::Seed,
-            max_outputs: None,
-        };
-        self.run(model, ci, how, Collect::Strongest { k, keep }, progress)
+        self.strongest_graph_with(model, ci, th, Semantics::Seed, None, k, keep, progress)
     }
 
     /// [`Self::strongest_graph`] under either semantics. The strongest edges are chosen from the
