@@ -3,6 +3,7 @@
 pub mod api;
 pub mod canvas;
 pub mod state;
+pub mod trace;
 pub mod types;
 mod ui;
 

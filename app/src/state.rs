@@ -3,8 +3,9 @@
 
 use crate::canvas::layout::LayoutMode;
 use crate::canvas::view::Viewport;
+use crate::trace::{DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD};
 use crate::types::{
-    GraphParams, Normalize, OptimLoss, OptimMask, OptimizeSpec, PromptRef, Semantics,
+    GraphParams, Normalize, OptimLoss, OptimMask, OptimizeSpec, PromptRef, Semantics, TraceTarget,
 };
 
 /// Edges drawn by default (the strongest by |value|).
@@ -27,6 +28,10 @@ pub struct ViewState {
     pub opt: Option<OptimizeSpec>,
     /// Whether the optimised graph's tab is the one shown.
     pub show_opt: bool,
+    /// The trace's pruning (`params.trace` says what is traced; `None` draws the `top_k`
+    /// strongest edges instead): the fractions of influence the kept nodes and edges carry.
+    pub node_threshold: f64,
+    pub edge_threshold: f64,
 }
 
 impl Default for ViewState {
@@ -36,12 +41,18 @@ impl Default for ViewState {
             pins: vec![],
             selected: vec![],
             top_k: DEFAULT_TOP_K,
-            params: GraphParams::default(),
+            // A new user sees what drives the last prediction, not a wall of the strongest edges.
+            params: GraphParams {
+                trace: Some(TraceTarget::Last),
+                ..GraphParams::default()
+            },
             layout: LayoutMode::Jittered,
             zoom: 1.0,
             pan: (0.0, 0.0),
             opt: None,
             show_opt: false,
+            node_threshold: DEFAULT_NODE_THRESHOLD,
+            edge_threshold: DEFAULT_EDGE_THRESHOLD,
         }
     }
 }
@@ -155,6 +166,15 @@ impl ViewState {
         if p.max_mean_ci != d.params.max_mean_ci {
             parts.push(("mmci", p.max_mean_ci.to_string()));
         }
+        if p.trace != d.params.trace {
+            parts.push(("trace", p.trace.map_or("off".into(), TraceTarget::to_url)));
+        }
+        if self.node_threshold != d.node_threshold {
+            parts.push(("tn", self.node_threshold.to_string()));
+        }
+        if self.edge_threshold != d.edge_threshold {
+            parts.push(("te", self.edge_threshold.to_string()));
+        }
         if self.layout != d.layout {
             parts.push(("layout", self.layout.name().into()));
         }
@@ -217,6 +237,10 @@ impl ViewState {
                     s.params.semantics = Semantics::from_name(&v).unwrap_or(s.params.semantics)
                 }
                 "mmci" => s.params.max_mean_ci = v.parse().unwrap_or(s.params.max_mean_ci),
+                "trace" if v == "off" => s.params.trace = None,
+                "trace" => s.params.trace = TraceTarget::from_url(&v).or(s.params.trace),
+                "tn" => s.node_threshold = unit(&v).unwrap_or(s.node_threshold),
+                "te" => s.edge_threshold = unit(&v).unwrap_or(s.edge_threshold),
                 "layout" => s.layout = LayoutMode::from_name(&v).unwrap_or(s.layout),
                 "opt" => s.opt = spec_from_url(&v),
                 "tab" => s.show_opt = v == "opt",
@@ -235,6 +259,11 @@ impl ViewState {
         s.show_opt &= s.opt.is_some();
         s
     }
+}
+
+/// A number in [0, 1].
+fn unit(v: &str) -> Option<f64> {
+    v.parse().ok().filter(|x: &f64| (0.0..=1.0).contains(x))
 }
 
 /// Percent-encodes everything but unreserved characters and the separators we use inside values.
@@ -297,6 +326,11 @@ mod tests {
                 normalize: Normalize::L2Layer,
                 semantics: Semantics::App,
                 max_mean_ci: 0.5,
+                trace: Some(TraceTarget::Diff {
+                    pos: 3,
+                    a: 17,
+                    b: 250,
+                }),
             },
             layout: LayoutMode::Importance,
             zoom: 2.5,
@@ -314,6 +348,8 @@ mod tests {
                 pgd_step_size: 0.05,
             }),
             show_opt: true,
+            node_threshold: 0.55,
+            edge_threshold: 0.9,
         };
         let q = s.to_query();
         assert!(!q.contains(' ') && !q.contains('"'), "{q}");
@@ -338,5 +374,26 @@ mod tests {
         assert!(!ViewState::from_query("tab=opt").show_opt);
         assert_eq!(ViewState::from_query("opt=ce:1:2").opt, None);
         assert_eq!(decode("%zz%4"), "%zz%4");
+        let s = ViewState::from_query("trace=1:x&tn=1.5&te=-1");
+        assert_eq!(s.params.trace, d.params.trace);
+        assert_eq!(
+            (s.node_threshold, s.edge_threshold),
+            (d.node_threshold, d.edge_threshold)
+        );
+    }
+
+    #[test]
+    fn the_trace_of_the_last_position_is_the_default_and_can_be_turned_off() {
+        let d = ViewState::default();
+        assert_eq!(d.params.trace, Some(TraceTarget::Last));
+        let off = ViewState::from_query("trace=off");
+        assert_eq!(off.params.trace, None);
+        assert_eq!(off.to_query(), "prompt=1&trace=off");
+        for t in [
+            TraceTarget::Token { pos: 2, token: 9 },
+            TraceTarget::Diff { pos: 0, a: 1, b: 2 },
+        ] {
+            assert_eq!(TraceTarget::from_url(&t.to_url()), Some(t));
+        }
     }
 }

@@ -26,6 +26,81 @@ pub struct GraphData {
     /// For a graph of optimised CI: how it was optimised and how well.
     #[serde(default)]
     pub optimization: Option<OptimizationInfo>,
+    /// For a traced graph: every node's influence on the trace's targets and every edge's score;
+    /// `edges` are then the highest-scoring ones rather than the strongest.
+    #[serde(default)]
+    pub trace: Option<TraceData>,
+}
+
+/// What a trace follows: the outputs whose causes a researcher wants to see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum TraceTarget {
+    /// The last position's output nodes, each weighted by its probability.
+    Last,
+    /// One output token at a position.
+    Token { pos: u32, token: u32 },
+    /// The logit difference `a − b` at a position: one target whose incoming edge from a source
+    /// is the source's edge into `a` minus its edge into `b`, so effects on both cancel.
+    Diff { pos: u32, a: u32, b: u32 },
+}
+
+impl TraceTarget {
+    /// `last`, `POS:TOKEN` or `POS:A-B`: the URL's and the HTTP API's spelling.
+    pub fn to_url(self) -> String {
+        match self {
+            Self::Last => "last".into(),
+            Self::Token { pos, token } => format!("{pos}:{token}"),
+            Self::Diff { pos, a, b } => format!("{pos}:{a}-{b}"),
+        }
+    }
+
+    pub fn from_url(s: &str) -> Option<Self> {
+        if s == "last" {
+            return Some(Self::Last);
+        }
+        let (pos, rest) = s.split_once(':')?;
+        let pos = pos.trim().parse().ok()?;
+        match rest.split_once('-') {
+            None => Some(Self::Token {
+                pos,
+                token: rest.trim().parse().ok()?,
+            }),
+            Some((a, b)) => Some(Self::Diff {
+                pos,
+                a: a.trim().parse().ok()?,
+                b: b.trim().parse().ok()?,
+            }),
+        }
+    }
+
+    /// Output tokens the trace needs as nodes even where their probability is below the output
+    /// threshold: `(position, token)`.
+    pub fn needed_outputs(self) -> Vec<(usize, u32)> {
+        match self {
+            Self::Last => vec![],
+            Self::Token { pos, token } => vec![(pos as usize, token)],
+            Self::Diff { pos, a, b } => vec![(pos as usize, a), (pos as usize, b)],
+        }
+    }
+}
+
+/// The influence of a traced graph (issue "Reading big graphs"): computed by the server over the
+/// whole graph the engine produced, so the page can prune to any threshold without asking again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceData {
+    /// Keys of the target nodes (the traced outputs).
+    pub targets: Vec<String>,
+    /// Per node of [`GraphData::nodes`]: its influence on the targets summed over every path, as
+    /// a fraction of the targets' total weight (a target's own is its weight).
+    pub influence: Vec<f32>,
+    /// Per edge of [`GraphData::edges`]: its target's influence times the edge's share of the
+    /// target's incoming |values|, i.e. the influence that flows along it.
+    pub edge_scores: Vec<f32>,
+    /// Σ influence over every node of the whole graph but `wte` and the targets.
+    pub total_influence: f64,
+    /// Σ score over every edge of the whole graph.
+    pub total_edge_score: f64,
 }
 
 /// An alive output node: token `token_id` at position `seq` with probability `prob`.
@@ -114,6 +189,10 @@ pub struct GraphParams {
     pub semantics: Semantics,
     /// Drop components whose mean CI over the database is above this (1 keeps all).
     pub max_mean_ci: f32,
+    /// Trace these outputs: send the edges that carry the most influence on them, with every
+    /// node's influence ([`TraceData`]). `None` sends the strongest edges, as the original.
+    #[serde(default)]
+    pub trace: Option<TraceTarget>,
 }
 
 impl Default for GraphParams {
@@ -124,6 +203,7 @@ impl Default for GraphParams {
             normalize: Normalize::L1,
             semantics: Semantics::Seed,
             max_mean_ci: 1.0,
+            trace: None,
         }
     }
 }
@@ -148,6 +228,13 @@ impl GraphParams {
             return Err(format!(
                 "max_mean_ci must be in [0, 1], got {}",
                 self.max_mean_ci
+            ));
+        }
+        if let Some(TraceTarget::Diff { a, b, .. }) = self.trace
+            && a == b
+        {
+            return Err(format!(
+                "a logit difference needs two different tokens, got {a} - {b}"
             ));
         }
         Ok(())

@@ -48,7 +48,14 @@ impl TopK {
     /// Offers the edge at engine position `index`.
     #[inline]
     pub fn offer(&mut self, index: usize, e: &Edge) {
-        let key = (e.value.abs(), index);
+        self.offer_by(e.value.abs(), index, e);
+    }
+
+    /// Offers the edge at engine position `index` ranked by `score` instead of its |value| (a
+    /// trace's edges by the influence they carry).
+    #[inline]
+    pub fn offer_by(&mut self, score: f64, index: usize, e: &Edge) {
+        let key = (score, index);
         if self.k == 0
             || self
                 .floor
@@ -76,19 +83,24 @@ impl TopK {
         }
     }
 
-    /// Folds in another selection (e.g. another thread's).
+    /// Folds in another selection (e.g. another thread's), keeping its ranking.
     pub fn merge(&mut self, other: TopK) {
-        for (_, i, e) in other.items {
-            self.offer(i, &e);
+        for (key, i, e) in other.items {
+            self.offer_by(key, i, &e);
         }
     }
 
     /// The selection in strength order.
-    pub fn into_sorted(mut self) -> Vec<Edge> {
+    pub fn into_sorted(self) -> Vec<Edge> {
+        self.into_ranked().into_iter().map(|x| x.1).collect()
+    }
+
+    /// The selection in rank order, with each edge's ranking key (|value| or score).
+    pub fn into_ranked(mut self) -> Vec<(f64, Edge)> {
         self.prune();
         self.items
             .sort_unstable_by(|a, b| stronger((a.0, a.1), (b.0, b.1)));
-        self.items.into_iter().map(|x| x.2).collect()
+        self.items.into_iter().map(|x| (x.0, x.2)).collect()
     }
 }
 

@@ -112,6 +112,7 @@ fn wire(
         total,
         params,
         &Hidden::none(),
+        None,
         &|t| t.to_string(),
     )
 }

@@ -258,6 +258,7 @@ fn parse_optimized(
             })?,
         },
         max_mean_ci: 1.0,
+        trace: None,
     };
     params.check().map_err(ApiError::bad_request)?;
     Ok((

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use app::api::{ApiError, Explorer};
-use app::types::{GraphParams, Normalize, PromptRef, Semantics};
+use app::types::{GraphParams, Normalize, PromptRef, Semantics, TraceTarget};
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -201,6 +201,14 @@ fn graph_params(q: &HashMap<String, String>) -> Result<GraphParams, ApiError> {
             })?,
         },
         max_mean_ci: number(q, "max_mean_ci")?.unwrap_or(1.0),
+        trace: match q.get("trace") {
+            None => None,
+            Some(v) => Some(TraceTarget::from_url(v).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "trace must be last, POS:TOKEN or POS:A-B, got {v:?}"
+                ))
+            })?),
+        },
     };
     params.check().map_err(ApiError::bad_request)?;
     Ok(params)
@@ -226,7 +234,7 @@ async fn prompt(State(s): State<Service>, Path(id): Path<String>, Query(q): Para
             (key, json!({"prob": prob, "token": o.token}))
         })
         .collect();
-    Ok(Json(json!({
+    let mut body = json!({
         "id": id,
         "tokens": graph.tokens,
         "edges": edges,
@@ -235,7 +243,27 @@ async fn prompt(State(s): State<Service>, Path(id): Path<String>, Query(q): Para
         "edge_cap": graph.edge_cap,
         "semantics": graph.params.semantics.name(),
         "normalize": graph.params.normalize.name(),
-    })))
+    });
+    // A traced graph's edges are the highest-scoring; each node's influence and each edge's score
+    // come beside them.
+    if let (Some(t), Some(target)) = (&graph.trace, graph.params.trace) {
+        let influence: serde_json::Map<String, Value> = graph
+            .nodes
+            .iter()
+            .zip(&t.influence)
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(n, v)| (n.key.clone(), json!(v)))
+            .collect();
+        body["trace"] = json!({
+            "target": target.to_url(),
+            "targets": t.targets,
+            "influence": influence,
+            "edge_scores": t.edge_scores,
+            "total_influence": t.total_influence,
+            "total_edge_score": t.total_edge_score,
+        });
+    }
+    Ok(Json(body))
 }
 
 async fn search(State(s): State<Service>, Query(q): Params) -> ApiResult {

@@ -4,12 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use app::api::ApiError;
-use app::types::{Edge as WireEdge, GraphData, GraphParams, Node, OutputNode};
+use app::types::{
+    Edge as WireEdge, GraphData, GraphParams, Node, OutputNode, TraceData, TraceTarget,
+};
 use candle_core::Device;
 
+use crate::attribution::influence::{GraphTrace, Seeds};
 use crate::attribution::{
     Backend, Edge, FastEngine, Graph, Layer, Normalization, PromptCi, Semantics, SourceMap,
-    Thresholds, default_max_outputs, normalize, reference_graph_with, strongest,
+    Thresholds, TopK, default_max_outputs, normalize, reference_graph_with, strongest,
 };
 use crate::model::SpdModel;
 
@@ -181,24 +184,52 @@ impl Run {
             .into_iter()
             .flatten()
             .find(|f| f.computes(semantics));
-        let (graph, total) = match engine {
-            Some(f) if !whole_graph => f
-                .strongest_graph_with(
-                    &self.model,
-                    ci,
-                    th,
-                    semantics,
-                    max_outputs,
-                    MAX_EDGES,
-                    &keep,
-                    progress,
-                )
-                .map_err(internal)?,
-            engine => {
+        if let Some(target) = params.trace {
+            self.check_trace(target, tokens.len())?;
+        }
+        // A user's trace target that names no output node is their error, not the server's.
+        let traced_error = |e: crate::model::RunError| match e {
+            crate::model::RunError::Unsupported(m) => ApiError::bad_request(m),
+            e => ApiError::internal(e.to_string()),
+        };
+        let (graph, total, trace) = match (engine, params.trace) {
+            (Some(f), Some(target)) if !whole_graph => {
+                let (g, trace, total) = f
+                    .traced_graph(
+                        &self.model,
+                        ci,
+                        th,
+                        semantics,
+                        max_outputs,
+                        target,
+                        MAX_EDGES,
+                        &keep,
+                        progress,
+                    )
+                    .map_err(traced_error)?;
+                (g, total, Some(trace))
+            }
+            (Some(f), None) if !whole_graph => {
+                let (g, total) = f
+                    .strongest_graph_with(
+                        &self.model,
+                        ci,
+                        th,
+                        semantics,
+                        max_outputs,
+                        MAX_EDGES,
+                        &keep,
+                        progress,
+                    )
+                    .map_err(internal)?;
+                (g, total, None)
+            }
+            (engine, trace) => {
+                let force = trace.map(TraceTarget::needed_outputs).unwrap_or_default();
                 let mut g = match engine {
                     Some(f) => f
-                        .graph_with(&self.model, ci, th, semantics, max_outputs)
-                        .map_err(internal)?,
+                        .graph_forcing(&self.model, ci, th, semantics, max_outputs, &force)
+                        .map_err(traced_error)?,
                     _ => reference_graph_with(
                         &self.model,
                         &self.sources,
@@ -213,8 +244,29 @@ impl Run {
                 if semantics == Semantics::App {
                     g.edges = normalize(&g.edges, params.normalize);
                 }
-                g.edges = strongest(&g.edges, keep, MAX_EDGES);
-                (g, total)
+                let trace = match trace {
+                    None => {
+                        g.edges = strongest(&g.edges, keep, MAX_EDGES);
+                        None
+                    }
+                    Some(target) => {
+                        let outputs = &g.alive[g.alive.len() - 1];
+                        let seeds = Seeds::resolve(target, outputs, &g.masked_probs)
+                            .map_err(ApiError::bad_request)?;
+                        g.edges.retain(|e| keep(e));
+                        let n = self.model.modules.len();
+                        let mut whole = GraphTrace::of_edges(&g.alive, n, &g.edges, seeds);
+                        let mut top = TopK::new(MAX_EDGES);
+                        for (i, (e, score)) in g.edges.iter().zip(&whole.edge).enumerate() {
+                            if *score > 0.0 {
+                                top.offer_by(*score, i, e);
+                            }
+                        }
+                        (whole.edge, g.edges) = top.into_ranked().into_iter().unzip();
+                        Some(whole)
+                    }
+                };
+                (g, total, trace)
             }
         };
         let strings = tokens.iter().map(|t| self.token_string(*t)).collect();
@@ -227,8 +279,27 @@ impl Run {
             total,
             params,
             &hidden,
+            trace.as_ref(),
             &|id| self.token_string(id),
         ))
+    }
+
+    /// Refuses a trace target outside the prompt or the vocabulary.
+    fn check_trace(&self, target: TraceTarget, n_tokens: usize) -> Result<(), ApiError> {
+        let vocab = self.model.target.cfg.vocab_size;
+        for (pos, token) in target.needed_outputs() {
+            if pos >= n_tokens {
+                return Err(ApiError::bad_request(format!(
+                    "trace position {pos} is outside the prompt ({n_tokens} tokens)"
+                )));
+            }
+            if token as usize >= vocab {
+                return Err(ApiError::bad_request(format!(
+                    "trace token {token} is out of the vocabulary (size {vocab})"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -293,14 +364,20 @@ pub fn to_wire(
     total_edges: usize,
     params: GraphParams,
     hidden: &Hidden,
+    trace: Option<&GraphTrace>,
     token_str: &dyn Fn(u32) -> String,
 ) -> GraphData {
     let n = model.modules.len();
     let mut nodes = Vec::new();
     let mut outputs = Vec::new();
+    // Node `i` of the alive order, for the trace's per-node influence.
+    let mut dense = 0usize;
+    let mut influence = Vec::new();
     for layer in Layer::all(model) {
         for (s, alive) in graph.alive[layer.index(n)].iter().enumerate() {
             for &c in alive {
+                let i = dense;
+                dense += 1;
                 let key = format!("{}:{s}:{c}", layer.name(model));
                 let importance = match layer {
                     Layer::Wte => 1.0,
@@ -316,6 +393,9 @@ pub fn to_wire(
                         prob
                     }
                 };
+                if let Some(t) = trace {
+                    influence.push(t.node[i] as f32);
+                }
                 nodes.push(Node { key, importance });
             }
         }
@@ -347,6 +427,18 @@ pub fn to_wire(
         params,
         outputs,
         optimization: None,
+        trace: trace.map(|t| TraceData {
+            targets: t
+                .seeds
+                .targets()
+                .iter()
+                .map(|(l, s, c)| format!("{}:{s}:{c}", l.name(model)))
+                .collect(),
+            influence,
+            edge_scores: t.edge.iter().map(|&x| x as f32).collect(),
+            total_influence: t.total_influence(&graph.alive, n),
+            total_edge_score: t.total_edge_score,
+        }),
     }
 }
 

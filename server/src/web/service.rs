@@ -9,7 +9,7 @@ use app::api::{ApiError, Explorer, GraphFuture};
 use app::types::{
     ComponentInfo, ComponentMatch, ContextSnippet, GraphData, GraphParams, Meta, Normalize,
     OptimLoss, OptimMask, OptimizeSpec, PromptPage, PromptRef, PromptSummary, SearchHit,
-    SearchResults, Semantics,
+    SearchResults, Semantics, TraceTarget,
 };
 use rusqlite::Connection;
 
@@ -64,6 +64,7 @@ pub struct GraphKey {
     semantics: Semantics,
     /// The optimisation of an optimised graph, its floats as bits.
     optim: Option<OptimKey>,
+    trace: Option<TraceTarget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -124,6 +125,7 @@ impl GraphKey {
             normalize: p.normalize,
             semantics: p.semantics,
             optim: None,
+            trace: p.trace,
         }
     }
 
@@ -134,6 +136,7 @@ impl GraphKey {
             max_mean_ci: f32::from_bits(self.params[2]),
             normalize: self.normalize,
             semantics: self.semantics,
+            trace: self.trace,
         }
     }
 }

@@ -14,6 +14,7 @@ mod fill;
 mod host;
 mod record;
 pub mod tensor;
+mod trace;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -25,6 +26,7 @@ use self::fill::{Sink, fill_units, fold_units};
 use self::host::{HostRope, Mat, NormBackward, dot, gelu_tanh_grad, silu_and_grad};
 use self::record::Recorded;
 use super::graph::{Edge, Graph, Semantics, Thresholds, alive_nodes_with};
+use super::influence::{GraphTrace, Seeds};
 use super::layer::Layer;
 use super::prompt::PromptCi;
 use super::sources::{Source, SourceMap};
@@ -33,6 +35,7 @@ use crate::model::transformer::{
     Family, LnSite, MlpKind, ModuleId, ModuleKind, NormKind, Positions, softmax_last,
 };
 use crate::model::{RunError, SpdModel};
+use app::types::TraceTarget;
 
 /// How a target layer's edges are computed.
 #[derive(Debug, Clone)]
@@ -65,10 +68,13 @@ struct TargetPlan {
 
 /// What graph a run computes.
 #[derive(Clone, Copy)]
-struct How {
+struct How<'a> {
     th: Thresholds,
     semantics: Semantics,
     max_outputs: Option<usize>,
+    /// Output nodes `(position, token)` the graph must have whatever their probability (a
+    /// trace's targets).
+    force_outputs: &'a [(usize, u32)],
 }
 
 /// Which edges a run keeps.
@@ -79,25 +85,43 @@ enum Collect<'a> {
         k: usize,
         keep: &'a (dyn Fn(&Edge) -> bool + Sync),
     },
+    /// The `k` edges carrying the most influence on the target, and every node's influence.
+    Traced {
+        target: TraceTarget,
+        k: usize,
+        keep: &'a (dyn Fn(&Edge) -> bool + Sync),
+    },
+}
+
+/// What a run collected: edges, and a trace when one was asked for.
+struct Collected {
+    edges: Vec<Edge>,
+    trace: Option<GraphTrace>,
 }
 
 /// A graph's work units: unit `i` writes `lens()[i]` edges, a contiguous run of the graph in the
-/// engine's order, so a unit's first edge index is the sum of the lengths before it.
+/// engine's order, so a unit's first edge index is the sum of the lengths before it. A unit's
+/// edges are all of the incoming edges of its target nodes, which lie in one layer, `target(i)`.
 trait Units: Sync {
     fn lens(&self) -> &[usize];
     fn write(&self, i: usize, out: &mut impl Sink<Edge>);
+    fn target(&self, i: usize) -> Layer;
 }
 
 /// Runs every unit on all threads into what `collect` asks for: the whole graph, each unit
-/// writing in place (see `fill`), or the strongest edges, each thread reusing one buffer for its
-/// units and keeping a running selection.
+/// writing in place (see `fill`), the strongest edges, each thread reusing one buffer for its
+/// units and keeping a running selection, or a trace (see `trace`). `alive` and `n` (modules) name
+/// the graph's nodes; `seeds` is the trace's start, resolved by the caller.
 fn collect_units(
     units: &impl Units,
     collect: Collect,
+    alive: &[Vec<Vec<u32>>],
+    n: usize,
+    seeds: Option<&Seeds>,
     progress: &dyn Fn(usize, usize),
-) -> Vec<Edge> {
+) -> Collected {
     let lens = units.lens();
-    match collect {
+    let edges = match collect {
         Collect::All => fill_units(
             lens,
             available_threads(),
@@ -133,7 +157,22 @@ fn collect_units(
             }
             top.into_sorted()
         }
-    }
+        Collect::Traced { k, keep, .. } => {
+            let seeds = seeds.expect("a traced run resolves its seeds").clone();
+            let folded = trace::trace_units(units, alive, n, &seeds, k, keep, progress);
+            let (edge, edges) = folded.edges.into_iter().unzip();
+            return Collected {
+                edges,
+                trace: Some(GraphTrace {
+                    seeds,
+                    node: folded.node,
+                    edge,
+                    total_edge_score: folded.total_edge_score,
+                }),
+            };
+        }
+    };
+    Collected { edges, trace: None }
 }
 
 /// The host backend's units: (target plan, position).
@@ -150,6 +189,10 @@ impl Units for HostUnits<'_> {
 
     fn write(&self, i: usize, out: &mut impl Sink<Edge>) {
         self.ctx.unit(self.units[i], out);
+    }
+
+    fn target(&self, i: usize) -> Layer {
+        self.units[i].0.target
     }
 }
 
@@ -427,12 +470,57 @@ impl FastEngine {
         semantics: Semantics,
         max_outputs: Option<usize>,
     ) -> Result<Graph, RunError> {
+        self.graph_forcing(model, ci, th, semantics, max_outputs, &[])
+    }
+
+    /// [`Self::graph_with`] whose graph has the output nodes `force_outputs` (`(position,
+    /// token)`) whatever their probability: the targets of a trace.
+    pub fn graph_forcing(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        semantics: Semantics,
+        max_outputs: Option<usize>,
+        force_outputs: &[(usize, u32)],
+    ) -> Result<Graph, RunError> {
         let how = How {
             th,
             semantics,
             max_outputs,
+            force_outputs,
         };
         Ok(self.run(model, ci, how, Collect::All, &|_, _| {})?.0)
+    }
+
+    /// The graph traced from `target` (issue "Reading big graphs"): every alive node's influence
+    /// on it and the `k` edges (of those `keep` accepts) that carry the most, by score, folded
+    /// while the engine computes so the whole graph is never held. Returns the graph with those
+    /// edges, the trace (scores aligned with the edges), and the whole graph's edge count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn traced_graph(
+        &self,
+        model: &SpdModel,
+        ci: &PromptCi,
+        th: Thresholds,
+        semantics: Semantics,
+        max_outputs: Option<usize>,
+        target: TraceTarget,
+        k: usize,
+        keep: &(dyn Fn(&Edge) -> bool + Sync),
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<(Graph, GraphTrace, usize), RunError> {
+        let force = target.needed_outputs();
+        let how = How {
+            th,
+            semantics,
+            max_outputs,
+            force_outputs: &force,
+        };
+        let collect = Collect::Traced { target, k, keep };
+        let (graph, total, trace) = self.run(model, ci, how, collect, progress)?;
+        let trace = trace.ok_or_else(|| RunError::Unsupported("no trace was folded".into()))?;
+        Ok((graph, trace, total))
     }
 
     /// Whether this engine computes graphs of `semantics`: the host backend both, the tensor
@@ -477,8 +565,11 @@ impl FastEngine {
             th,
             semantics,
             max_outputs,
+            force_outputs: &[],
         };
-        self.run(model, ci, how, Collect::Strongest { k, keep }, progress)
+        let (graph, total, _) =
+            self.run(model, ci, how, Collect::Strongest { k, keep }, progress)?;
+        Ok((graph, total))
     }
 
     fn run(
@@ -488,7 +579,7 @@ impl FastEngine {
         how: How,
         collect: Collect,
         progress: &dyn Fn(usize, usize),
-    ) -> Result<(Graph, usize), RunError> {
+    ) -> Result<(Graph, usize, Option<GraphTrace>), RunError> {
         // The seed differentiates its CI-masked forward; the app differentiates the forward with
         // every mask 1 plus the deltas, and takes output nodes from a CI-masked one without them.
         let (rec, masked) = match how.semantics {
@@ -516,7 +607,32 @@ impl FastEngine {
         };
         let masked_logits = Mat::from_tensor(&masked)?.to_rows();
         let masked_probs = Mat::from_tensor(&softmax_last(&masked)?)?.to_rows();
-        let alive = alive_nodes_with(ci, &masked_probs, how.th, how.semantics, how.max_outputs);
+        let mut alive = alive_nodes_with(ci, &masked_probs, how.th, how.semantics, how.max_outputs);
+        let outputs = alive.len() - 1;
+        for &(pos, token) in how.force_outputs {
+            let Some(row) = alive[outputs].get_mut(pos) else {
+                return Err(RunError::Unsupported(format!(
+                    "position {pos} is outside the prompt ({} tokens)",
+                    ci.tokens.len()
+                )));
+            };
+            if token as usize >= model.target.cfg.vocab_size {
+                return Err(RunError::Unsupported(format!(
+                    "token {token} is out of the vocabulary (size {})",
+                    model.target.cfg.vocab_size
+                )));
+            }
+            if let Err(at) = row.binary_search(&token) {
+                row.insert(at, token);
+            }
+        }
+        let seeds = match collect {
+            Collect::Traced { target, .. } => Some(
+                Seeds::resolve(target, &alive[outputs], &masked_probs)
+                    .map_err(RunError::Unsupported)?,
+            ),
+            _ => None,
+        };
         let deltas = match how.semantics {
             Semantics::Seed => None,
             Semantics::App => {
@@ -527,22 +643,23 @@ impl FastEngine {
                 self.deltas.get().filter(|d| !d.all_zero())
             }
         };
-        let (edges, total) = match &self.weights {
+        let seeds = seeds.as_ref();
+        let (collected, total) = match &self.weights {
             Weights::Host(w) => {
-                self.host_edges(w, model, ci, &rec, &alive, deltas, collect, progress)?
+                self.host_edges(w, model, ci, &rec, &alive, deltas, collect, seeds, progress)?
             }
             Weights::Tensor(w) => {
-                tensor::edges(&self.plans, w, ci, &rec, &alive, collect, progress)?
+                tensor::edges(&self.plans, w, ci, &rec, &alive, collect, seeds, progress)?
             }
         };
         let graph = Graph {
-            edges,
+            edges: collected.edges,
             masked_probs,
             masked_logits,
             alive,
             n_backward_passes: 0,
         };
-        Ok((graph, total))
+        Ok((graph, total, collected.trace))
     }
 
     /// The host backend: (target, position) units over threads. Returns the edges `collect` asks
@@ -557,8 +674,9 @@ impl FastEngine {
         alive: &[Vec<Vec<u32>>],
         deltas: Option<&DeltaWeights>,
         collect: Collect,
+        seeds: Option<&Seeds>,
         progress: &dyn Fn(usize, usize),
-    ) -> Result<(Vec<Edge>, usize), RunError> {
+    ) -> Result<(Collected, usize), RunError> {
         let rec = HostRecord::new(rec, self)?;
         let n = model.modules.len();
         let ctx = Ctx {
@@ -595,6 +713,9 @@ impl FastEngine {
                 lens: &lens,
             },
             collect,
+            alive,
+            n,
+            seeds,
             progress,
         );
         Ok((edges, total))

@@ -16,8 +16,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::fill::Sink;
 use super::record::Recorded;
-use super::{Collect, Step, TargetPlan, Units, collect_units};
+use super::{Collect, Collected, Step, TargetPlan, Units, collect_units};
 use crate::attribution::graph::Edge;
+use crate::attribution::influence::Seeds;
 use crate::attribution::layer::Layer;
 use crate::attribution::prompt::PromptCi;
 use crate::model::transformer::{LN_EPS, ModuleId, ModuleKind};
@@ -210,8 +211,9 @@ pub(super) fn edges(
     rec: &Recorded,
     alive: &[Vec<Vec<u32>>],
     collect: Collect,
+    seeds: Option<&Seeds>,
     progress: &dyn Fn(usize, usize),
-) -> Result<(Vec<Edge>, usize), RunError> {
+) -> Result<(Collected, usize), RunError> {
     let dev = rec.logits.device().clone();
     let t = ci.tokens.len();
     let n = w.u.len();
@@ -252,7 +254,8 @@ pub(super) fn edges(
             .to_vec1()?
     };
     let layout = Layout::new(plans, &rows, &pairs, &values)?;
-    Ok((collect_units(&layout, collect, &|_, _| {}), values.len()))
+    let collected = collect_units(&layout, collect, alive, n, seeds, &|_, _| {});
+    Ok((collected, values.len()))
 }
 
 /// Computes one plan's values: per source, pieces ordered by target row, then source pair.
@@ -535,6 +538,10 @@ impl<'a> Layout<'a> {
 impl Units for Layout<'_> {
     fn lens(&self) -> &[usize] {
         &self.lens
+    }
+
+    fn target(&self, i: usize) -> Layer {
+        self.plans[self.units[i].0].target
     }
 
     fn write(&self, i: usize, out: &mut impl Sink<Edge>) {
