@@ -103,6 +103,21 @@ pub async fn search_vocab(query: String, limit: usize) -> Result<Vec<VocabEntry>
     blocking(move || service.vocab(&query, limit)).await
 }
 
+/// Every component label of the served run: `(layer:c, label)`.
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_labels() -> Result<Vec<(String, String)>, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.labels()).await
+}
+
+/// Labels a component (`layer:c`); an empty label removes it. Kept in the notes file beside the
+/// database, per model.
+#[server(prefix = "/fn", input = Json)]
+pub async fn set_label(key: String, label: String) -> Result<(), ServerFnError> {
+    let service = service()?;
+    blocking(move || service.set_label(&key, &label)).await
+}
+
 #[cfg(feature = "ssr")]
 pub use backend::{ApiError, Explorer, ExplorerHandle, GraphFuture};
 
@@ -181,6 +196,8 @@ mod backend {
         fn interventions(&self, prompt: &PromptRef) -> Result<Vec<InterventionRun>, ApiError>;
         fn delete_intervention(&self, id: i64) -> Result<(), ApiError>;
         fn vocab(&self, query: &str, limit: usize) -> Result<Vec<VocabEntry>, ApiError>;
+        fn labels(&self) -> Result<Vec<(String, String)>, ApiError>;
+        fn set_label(&self, key: &str, label: &str) -> Result<(), ApiError>;
     }
 
     /// The service as the server provides it in Leptos context.

@@ -131,6 +131,23 @@ pub fn prune(graph: &GraphData, node_threshold: f64, edge_threshold: f64) -> Opt
     })
 }
 
+/// The fraction of the whole graph's non-target influence that a (pruned) traced graph's nodes
+/// carry; `None` for a graph that was not traced.
+pub fn completeness(graph: &GraphData) -> Option<f64> {
+    let t = graph.trace.as_ref()?;
+    if t.total_influence <= 0.0 {
+        return Some(1.0);
+    }
+    let carried: f64 = graph
+        .nodes
+        .iter()
+        .zip(&t.influence)
+        .filter(|(n, _)| !n.key.starts_with("wte:") && !t.targets.contains(&n.key))
+        .map(|(_, &v)| f64::from(v))
+        .sum();
+    Some((carried / t.total_influence).min(1.0))
+}
+
 /// The graph restricted to what `pruned` kept: the graph the canvas draws in trace mode, with its
 /// trace data aligned to the kept nodes and edges.
 pub fn pruned_graph(graph: &GraphData, pruned: &Pruned) -> GraphData {
@@ -330,9 +347,11 @@ mod tests {
         let v = pruned_graph(&g, &p);
         assert_eq!(v.nodes.len(), 3);
         assert_eq!(v.edges.len(), 2);
-        let t = v.trace.unwrap();
+        let t = v.trace.clone().unwrap();
         assert_eq!(t.influence, vec![1.0, 0.75, 1.0]);
         assert_eq!(t.edge_scores, vec![0.75, 0.75]);
         assert_eq!(v.tokens, g.tokens);
+        assert_eq!(completeness(&v), Some(p.completeness));
+        assert_eq!(completeness(&g), Some(1.0));
     }
 }

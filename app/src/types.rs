@@ -253,6 +253,9 @@ pub enum PromptRef {
 pub struct Meta {
     /// Where the model was loaded from.
     pub model_path: String,
+    /// The run's name (its directory's), what the page's header shows.
+    #[serde(default)]
+    pub run_name: String,
     pub n_blocks: usize,
     /// Longest prompt the model takes.
     pub n_ctx: usize,

@@ -32,7 +32,8 @@ test('the page hydrates and draws the graph', async ({ page }, testInfo) => {
   const errors = watchErrors(page);
   await ready(page);
   await expect(page).toHaveTitle('SPD local attributions');
-  await expect(page.locator('.status')).toContainText(/Prompt 1: \d+ tokens, \d+ nodes, \d+ of \d+ edges shown/);
+  // A new user sees the trace of the last position's outputs.
+  await expect(page.locator('.status')).toContainText(/Prompt 1: \d+ tokens, \d+ nodes \(of \d+\), \d+ edges \(of \d+\) · trace of the last position, completeness \d/);
   expect(await drawn(page)).toBeGreaterThan(0);
 
   const canvas = page.locator('canvas.graph');
@@ -108,7 +109,8 @@ test('hover shows a card, click pins, and search finds prompts with the pin', as
 });
 
 test('changing top-k changes the edge count', async ({ page }) => {
-  await ready(page);
+  await ready(page, '/?trace=off');
+  await expect(page.locator('.status')).toContainText(/Prompt 1: \d+ tokens, \d+ nodes, \d+ of \d+ edges shown/);
   const before = await drawn(page);
   expect(before).toBeGreaterThan(20);
   await page.locator('#top-k').fill('10');
@@ -137,7 +139,7 @@ test('reloading the URL restores the view', async ({ page }) => {
   await ready(page);
   const [key] = (await probe(page))[0];
   const component = key.replace(/:\d+:(\d+)$/, ':$1');
-  const url = `/?prompt=2&pins=${component}&topk=25&layout=importance&norm=0`;
+  const url = `/?prompt=2&pins=${component}&topk=25&layout=importance&norm=0&trace=off`;
   await ready(page, url);
   await page.reload();
   await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
@@ -216,7 +218,8 @@ async function exported(page: Page): Promise<any> {
 
 test("SPD's app semantics with L2 per target: values change, the status says so, reload keeps it", async ({ page }, testInfo) => {
   const errors = watchErrors(page);
-  await ready(page, '/?prompt=2');
+  // The strongest edges, so whole groups of a target's incoming edges are drawn.
+  await ready(page, '/?prompt=2&trace=off');
   await expect(page.locator('.status')).toContainText('seed semantics, l1 normalized');
   const seed = await exported(page);
   await page.locator('#semantics').selectOption('app');
@@ -244,5 +247,29 @@ test("SPD's app semantics with L2 per target: values change, the status says so,
   await expect(page.locator('#semantics')).toHaveValue('app');
   await expect(page.locator('#normalize')).toHaveValue('l2-target');
   await expect(page.locator('.status')).toContainText('app semantics, l2-target normalized', { timeout: 60_000 });
+  expect(errors).toEqual([]);
+});
+
+test('a label typed for a pinned component is kept by the server and shows in the card', async ({ page }) => {
+  const errors = watchErrors(page);
+  await ready(page);
+  const [key, x, y] = (await probe(page))[0];
+  const component = key.replace(/:\d+:(\d+)$/, ':$1');
+  const canvas = page.locator('canvas.graph');
+  await canvas.click({ position: { x, y } });
+  const input = page.locator(`.pin[data-key="${component}"] .label-input`);
+  const label = `test label ${Date.now()}`;
+  await input.fill(label);
+  const saved = page.waitForResponse((r) => r.url().includes('/fn/set_label') && r.ok());
+  await input.press('Enter');
+  await saved;
+  await page.reload();
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  await expect(page.locator(`.pin[data-key="${component}"] .label-input`)).toHaveValue(label);
+  await canvas.hover({ position: { x, y } });
+  await expect(page.locator('.card .label')).toHaveText(label);
+  // Cleared again, so other runs of the suite start without it.
+  await page.locator(`.pin[data-key="${component}"] .label-input`).fill('');
+  await page.locator(`.pin[data-key="${component}"] .label-input`).press('Enter');
   expect(errors).toEqual([]);
 });

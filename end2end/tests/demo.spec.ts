@@ -4,8 +4,9 @@ import { test, expect, type Page } from '@playwright/test';
 // each graph draws the edges the README describes, and its screenshot is saved (JPEG) under
 // test-results. Skipped when the server serves another run.
 
+// The walkthrough describes the strongest edges (top-k); the trace view has its own tests.
 async function open(page: Page, text: string, pin: string) {
-  await page.goto(`/?text=${encodeURIComponent(text)}&pins=${encodeURIComponent(pin)}`);
+  await page.goto(`/?text=${encodeURIComponent(text)}&pins=${encodeURIComponent(pin)}&trace=off`);
   await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
   await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
   await expect(page.locator('.status')).toContainText(/Custom prompt: \d+ tokens/);
@@ -59,7 +60,8 @@ test('demo: plural agreement is decided at the noun', async ({ page }, testInfo)
 
 test('demo: CI optimised for " Mia" opens an Optimized tab with fewer nodes, kept on reload', async ({ page }, testInfo) => {
   const text = 'There was a little girl named Mia. She had a big red ball.';
-  await page.goto(`/?text=${encodeURIComponent(text)}&ci=0.01`);
+  // Alive nodes are compared, so the whole graph is shown rather than a trace.
+  await page.goto(`/?text=${encodeURIComponent(text)}&ci=0.01&trace=off`);
   await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
   await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
   const status = page.locator('.status');

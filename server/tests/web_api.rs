@@ -777,3 +777,122 @@ async fn optimized_graphs_for_the_page() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
     }
 }
+
+/// A traced graph over both doors: the edges are the highest-scoring, every node has an influence,
+/// the app's page prunes them; bad targets are 4xx.
+#[tokio::test]
+async fn traced_graphs_carry_influence_and_refuse_bad_targets() {
+    let (status, v) = get("/api/prompt/1?ci_threshold=0.1&trace=last").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = &v["trace"];
+    assert_eq!(t["target"], "last");
+    let scores: Vec<f64> = t["edge_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), v["edges"].as_array().unwrap().len());
+    assert!(!scores.is_empty() && scores.windows(2).all(|w| w[0] >= w[1]));
+    let targets = t["targets"].as_array().unwrap();
+    assert!(!targets.is_empty());
+    let last = v["tokens"].as_array().unwrap().len() - 1;
+    for k in targets {
+        assert!(k.as_str().unwrap().starts_with(&format!("output:{last}:")));
+    }
+    // The wte nodes carry every path's influence at the bottom: together, all of it.
+    let wte: f64 = t["influence"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("wte:"))
+        .map(|(_, v)| v.as_f64().unwrap())
+        .sum();
+    assert!((wte - 1.0).abs() < 1e-3, "wte carries {wte}");
+
+    // The page's server function: the same graph, pruned by the page's function.
+    let params = GraphParams {
+        ci_threshold: 0.1,
+        trace: Some(app::types::TraceTarget::Last),
+        ..GraphParams::default()
+    };
+    let g: GraphData = call_ok(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Stored(1), "params": params, "ticket": null}),
+    )
+    .await;
+    let trace = g.trace.as_ref().unwrap();
+    assert_eq!(trace.influence.len(), g.nodes.len());
+    let full = app::trace::prune(&g, 1.0, 1.0).unwrap();
+    let small = app::trace::prune(&g, 0.5, 0.5).unwrap();
+    assert!(small.nodes.len() < full.nodes.len());
+    assert!(small.completeness < full.completeness);
+    if g.edges.len() < g.edge_cap {
+        assert!(
+            (full.completeness - 1.0).abs() < 1e-4,
+            "{}",
+            full.completeness
+        );
+    }
+
+    // One output below the threshold becomes a node; a difference of two.
+    let (status, v) = get(&format!("/api/prompt/1?ci_threshold=0.1&trace={last}:3")).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["trace"]["targets"], json!([format!("output:{last}:3")]));
+    let (status, v) = get(&format!("/api/prompt/1?ci_threshold=0.1&trace={last}:3-5")).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["trace"]["targets"].as_array().unwrap().len(), 2);
+
+    for (bad, why) in [
+        ("x", "trace must be"),
+        ("99:1", "outside the prompt"),
+        ("0:999999", "out of the vocabulary"),
+        ("0:4-4", "two different tokens"),
+    ] {
+        let (status, v) = get(&format!("/api/prompt/1?trace={bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{bad}: {v}");
+    }
+}
+
+/// Labels: kept in the notes file beside the database (so a new server on it finds them), refused
+/// for unknown components and overlong text.
+#[tokio::test]
+async fn component_labels_persist_in_the_notes_file() {
+    use app::api::{GetLabels, SetLabel};
+    let key = some_component().await;
+    let (status, body) = call(SetLabel::PATH, json!({"key": key, "label": "  names  "})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let labels: Vec<(String, String)> = call_ok(GetLabels::PATH, json!({})).await;
+    assert!(
+        labels.contains(&(key.clone(), "names".to_owned())),
+        "{labels:?}"
+    );
+    // A second service over the same database (a restarted server) reads them back.
+    let d = site().service.data();
+    let crate_db = match &d.prompts {
+        Prompts::Db { path, .. } => path.clone(),
+        _ => unreachable!("the site serves a database"),
+    };
+    let run = Run::load(&d.run.model_path, &candle_core::Device::Cpu).unwrap();
+    let again = Service::new(run, Prompts::open_db(&crate_db).unwrap());
+    assert!(
+        again
+            .data()
+            .labels()
+            .unwrap()
+            .contains(&(key.clone(), "names".to_owned()))
+    );
+    for (k, label, why) in [
+        ("h.9.mlp.c_fc:1", "x", "unknown component"),
+        (key.as_str(), &"x".repeat(201), "at most 200"),
+    ] {
+        let (status, body) = call(SetLabel::PATH, json!({"key": k, "label": label})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains(why), "{body}");
+    }
+    let (status, _) = call(SetLabel::PATH, json!({"key": key, "label": ""})).await;
+    assert_eq!(status, StatusCode::OK);
+    let labels: Vec<(String, String)> = call_ok(GetLabels::PATH, json!({})).await;
+    assert!(!labels.iter().any(|(k, _)| *k == key));
+}

@@ -36,6 +36,8 @@ pub struct Highlight {
     pub selected: Vec<usize>,
     /// Nodes whose edges are drawn strongly while the others fade.
     pub focus: Vec<usize>,
+    /// Nodes of labelled components, with the label written beside them.
+    pub labels: Vec<(usize, String)>,
 }
 
 /// Sizes the canvas backing store to its CSS box times the device pixel ratio; returns the context
@@ -177,6 +179,16 @@ pub fn draw(
         ctx.set_stroke_style_str(HOVER);
         ctx.set_line_width(2.0 * line_scale);
         ring(ctx, layout, i, 3.0);
+    }
+    // Labels grow slower than the zoom, as lines do, so they stay readable.
+    ctx.set_fill_style_str(TEXT);
+    ctx.set_font(&format!("{:.1}px sans-serif", 10.0 * line_scale));
+    ctx.set_text_align("left");
+    for (i, label) in &hl.labels {
+        if let Some(p) = layout.points[*i] {
+            let r = layout.radii[*i];
+            let _ = ctx.fill_text(label, p.x + r + 2.0 * line_scale, p.y - r);
+        }
     }
     scene.edges.len()
 }

@@ -93,17 +93,24 @@ fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize)
         _ => {
             let component = s.component[i].clone();
             let ci = g.nodes[i].importance;
+            let label = ctx.labels.with(|m| m.get(&component).cloned());
             let info = move || ctx.infos.with(|m| m.get(&component).cloned());
             view! {
                 <div class="card-title mono">{key.clone()}</div>
+                {label.map(|l| view! { <div class="label">{l}</div> })}
                 <div>"CI "<b>{format!("{ci:.3}")}</b>" at "{k.seq}" ("{format!("{token:?}")}")"</div>
                 {move || info().map(info_view)}
             }
             .into_any()
         }
     };
+    // In trace mode: the share of the targets' influence this node carries.
+    let influence = g.trace.as_ref().and_then(|t| t.influence.get(i)).map(|x| {
+        view! { <div class="influence">"influence on the trace "<b>{format!("{:.1}%", 100.0 * x)}</b></div> }
+    });
     view! {
         {head}
+        {influence}
         <div class="card-edges">
             <div><div class="muted">"strongest in"</div><ul>{ins}</ul></div>
             <div><div class="muted">"strongest out"</div><ul>{outs}</ul></div>

@@ -58,12 +58,14 @@ pub fn GraphView() -> AnyView {
         let (pins, selected) = ctx.view.with(|v| (v.pins.clone(), v.selected.clone()));
         let vp = viewport();
         let Some(el) = canvas.get() else { return };
-        ctx.graph.with(|g| {
-            ctx.scene.with(|s| {
-                ctx.layout.with(|l| {
-                    if let (Some(g), Some(s), Some(l)) = (g, s, l) {
-                        paint(&el, g, s, l, vp, hover, &pins, &selected);
-                    }
+        ctx.labels.with(|labels| {
+            ctx.graph.with(|g| {
+                ctx.scene.with(|s| {
+                    ctx.layout.with(|l| {
+                        if let (Some(g), Some(s), Some(l)) = (g, s, l) {
+                            paint(&el, g, s, l, vp, hover, &pins, &selected, labels);
+                        }
+                    })
                 })
             })
         });
@@ -175,6 +177,13 @@ pub fn GraphView() -> AnyView {
             {
                 ctx.toggle_selected(&key);
             }
+        } else if let Some(target) = ctx.graph.with_untracked(|g| {
+            g.as_ref()
+                .and_then(|g| g.nodes.get(i))
+                .and_then(|n| super::trace_panel::output_target(&n.key))
+        }) {
+            // A click on an output traces it; on a component, pins it.
+            ctx.view.update(|v| v.params.trace = Some(target));
         } else if let Some(c) = ctx
             .scene
             .with_untracked(|s| s.as_ref().and_then(|s| s.component.get(i).cloned()))
@@ -247,6 +256,7 @@ fn paint(
     hover: Hover,
     pins: &[String],
     selected: &[String],
+    labels: &std::collections::HashMap<String, String>,
 ) {
     use crate::canvas::draw;
     let Some((ctx2d, w, h)) = draw::fit_canvas(el, l.height) else {
@@ -261,6 +271,9 @@ fn paint(
     let mut hl = draw::Highlight {
         pinned: pinned.clone(),
         selected: selected.clone(),
+        labels: (0..s.component.len())
+            .filter_map(|i| labels.get(&s.component[i]).map(|l| (i, l.clone())))
+            .collect(),
         ..Default::default()
     };
     match hover {
@@ -306,11 +319,16 @@ fn paint(
         ),
     );
     let _ = el.set_attribute("data-probe", &format!("[{}]", probe.join(",")));
+    let outputs: Vec<String> = (0..g.nodes.len())
+        .filter(|&i| g.nodes[i].key.starts_with("output:"))
+        .filter_map(on_screen)
+        .collect();
+    let _ = el.set_attribute("data-outputs", &format!("[{}]", outputs.join(",")));
 }
 
 #[cfg(not(feature = "hydrate"))]
 #[allow(clippy::too_many_arguments)]
-fn paint<A, B, C, D>(
+fn paint<A, B, C, D, E>(
     _: &A,
     _: &B,
     _: &C,
@@ -319,5 +337,6 @@ fn paint<A, B, C, D>(
     _: Hover,
     _: &[String],
     _: &[String],
+    _: &E,
 ) {
 }

@@ -6,3 +6,4 @@ mod graph_view;
 pub mod page;
 mod pins;
 mod sidebar;
+mod trace_panel;

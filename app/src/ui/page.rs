@@ -11,11 +11,33 @@ use super::{
     pins::PinsPanel,
     sidebar::Sidebar,
 };
-use crate::api::{get_component, get_graph, get_meta, get_optimized_graph};
+use crate::api::{get_component, get_graph, get_labels, get_meta, get_optimized_graph};
 use crate::canvas::layout::Layout;
 use crate::canvas::scene::Scene;
 use crate::state::ViewState;
+use crate::trace::{completeness, prune, pruned_graph};
 use crate::types::{ComponentInfo, GraphData, Meta};
+
+/// In trace mode a node's size says how much of the targets' influence it carries (relative to
+/// the most influential node but the targets, which keep their probability).
+fn size_by_influence(g: &GraphData, l: &mut Layout) {
+    let Some(t) = &g.trace else { return };
+    let is_target = |i: usize| t.targets.contains(&g.nodes[i].key);
+    let wte = |i: usize| g.nodes[i].key.starts_with("wte:");
+    let max = (0..g.nodes.len())
+        .filter(|&i| !is_target(i) && !wte(i))
+        .map(|i| t.influence.get(i).copied().unwrap_or(0.0))
+        .fold(0f32, f32::max);
+    if max <= 0.0 {
+        return;
+    }
+    for (i, r) in l.radii.iter_mut().enumerate() {
+        if !is_target(i) && !wte(i) {
+            let rel = f64::from(t.influence.get(i).copied().unwrap_or(0.0) / max);
+            *r = l.radius * (0.35 + 0.65 * rel.clamp(0.0, 1.0).sqrt());
+        }
+    }
+}
 
 /// Where the current graph request stands.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +59,11 @@ pub enum Hover {
 #[derive(Clone, Copy)]
 pub struct Ctx {
     pub view: RwSignal<ViewState>,
-    pub graph: RwSignal<Option<GraphData>>,
+    /// The graph as the server sent it.
+    pub fetched: RwSignal<Option<GraphData>>,
+    /// The graph drawn: `fetched`, or in trace mode its part the thresholds keep (see
+    /// [`crate::trace`]). Node indices everywhere (scene, layout, hover) are into this one.
+    pub graph: Memo<Option<GraphData>>,
     pub load: RwSignal<Load>,
     pub hover: RwSignal<Hover>,
     /// Pointer position over the canvas (CSS pixels), for placing the hover card.
@@ -45,6 +71,8 @@ pub struct Ctx {
     pub meta: RwSignal<Option<Meta>>,
     /// Component details fetched for hover cards and pins, by `"layer:c"`.
     pub infos: RwSignal<HashMap<String, ComponentInfo>>,
+    /// The researcher's labels of components (`"layer:c"`), kept by the server.
+    pub labels: RwSignal<HashMap<String, String>>,
     /// CSS width of the canvas.
     pub width: RwSignal<f64>,
     pub scene: Memo<Option<Scene>>,
@@ -125,6 +153,25 @@ impl Ctx {
         self.select(keys);
     }
 
+    /// Labels a component on the server, and here once the server kept it.
+    pub fn label(&self, component: &str, label: &str) {
+        let (labels, key, label) = (self.labels, component.to_owned(), label.trim().to_owned());
+        leptos::task::spawn_local(async move {
+            if crate::api::set_label(key.clone(), label.clone())
+                .await
+                .is_ok()
+            {
+                labels.update(|m| {
+                    if label.is_empty() {
+                        m.remove(&key);
+                    } else {
+                        m.insert(key, label);
+                    }
+                });
+            }
+        });
+    }
+
     pub fn toggle_pin(&self, component: &str) {
         self.view.update(|v| {
             if let Some(i) = v.pins.iter().position(|p| p == component) {
@@ -145,7 +192,17 @@ pub fn selectable(node: &str) -> bool {
 #[component]
 pub fn GraphPage() -> AnyView {
     let view = RwSignal::new(ViewState::default());
-    let graph: RwSignal<Option<GraphData>> = RwSignal::new(None);
+    let fetched: RwSignal<Option<GraphData>> = RwSignal::new(None);
+    let thresholds = Memo::new(move |_| view.with(|v| (v.node_threshold, v.edge_threshold)));
+    let graph = Memo::new(move |_| {
+        let (tn, te) = thresholds.get();
+        fetched.with(|g| {
+            g.as_ref().map(|g| match prune(g, tn, te) {
+                Some(p) => pruned_graph(g, &p),
+                None => g.clone(),
+            })
+        })
+    });
     let width = RwSignal::new(900.0);
     // The parts of the view each derived value depends on, as memos: reading `view` itself would
     // rebuild the scene and layout (and refetch the graph, below) on every zoom, pan step and pin.
@@ -164,16 +221,24 @@ pub fn GraphPage() -> AnyView {
     let layout = Memo::new(move |_| {
         let mode = mode.get();
         let w = width.get();
-        graph.with(|g| g.as_ref().map(|g| Layout::new(g, w, mode, 0)))
+        graph.with(|g| {
+            g.as_ref().map(|g| {
+                let mut l = Layout::new(g, w, mode, 0);
+                size_by_influence(g, &mut l);
+                l
+            })
+        })
     });
     let ctx = Ctx {
         view,
+        fetched,
         graph,
         load: RwSignal::new(Load::Idle),
         hover: RwSignal::new(Hover::None),
         pointer: RwSignal::new((0.0, 0.0)),
         meta: RwSignal::new(None),
         infos: RwSignal::new(HashMap::new()),
+        labels: RwSignal::new(HashMap::new()),
         width,
         scene,
         layout,
@@ -203,6 +268,11 @@ pub fn GraphPage() -> AnyView {
             }
         }
         ready.set(true);
+        leptos::task::spawn_local(async move {
+            if let Ok(labels) = get_labels().await {
+                ctx.labels.set(labels.into_iter().collect());
+            }
+        });
         leptos::task::spawn_local(async move {
             match get_meta().await {
                 Ok(m) => ctx.meta.set(Some(m)),
@@ -241,7 +311,7 @@ pub fn GraphPage() -> AnyView {
             }
             match result {
                 Ok(g) => {
-                    graph.set(Some(g));
+                    fetched.set(Some(g));
                     ctx.load.set(Load::Idle);
                 }
                 Err(e) => ctx.load.set(Load::Failed(server_message(&e))),
@@ -422,7 +492,7 @@ fn MetaLine() -> impl IntoView {
             None => String::new(),
             Some(m) => format!(
                 "{} · {} · {} blocks · CI {} · {} prompts · database {}",
-                m.model_path,
+                m.run_name,
                 m.family,
                 m.n_blocks,
                 m.ci_kind,
@@ -430,6 +500,25 @@ fn MetaLine() -> impl IntoView {
                 human_bytes(m.db_bytes)
             ),
         })
+    }
+}
+
+/// What a trace follows, in words: "the last position", "\" Mia\" at 7", "\" Mia\" − \" Leo\" at 7".
+pub fn describe_target(g: &GraphData, target: crate::types::TraceTarget) -> String {
+    use crate::types::TraceTarget;
+    let token = |pos: u32, id: u32| {
+        let key = format!("output:{pos}:{id}");
+        g.outputs
+            .iter()
+            .find(|o| o.key == key)
+            .map_or(format!("#{id}"), |o| format!("{:?}", o.token))
+    };
+    match target {
+        TraceTarget::Last => "the last position".into(),
+        TraceTarget::Token { pos, token: t } => format!("{} at {pos}", token(pos, t)),
+        TraceTarget::Diff { pos, a, b } => {
+            format!("{} − {} at {pos}", token(pos, a), token(pos, b))
+        }
     }
 }
 
@@ -466,10 +555,11 @@ fn Tabs() -> AnyView {
 #[component]
 fn StatusLine() -> AnyView {
     let ctx = expect_context::<Ctx>();
-    let summary = move || {
-        let shown = ctx.scene.with(|s| s.as_ref().map_or(0, |s| s.edges.len()));
-        ctx.graph.with(|g| {
-            g.as_ref().map(|g| {
+    let summary =
+        move || {
+            let shown = ctx.scene.with(|s| s.as_ref().map_or(0, |s| s.edges.len()));
+            ctx.graph.with(|g| {
+                g.as_ref().map(|g| {
                 let what = match g.prompt_id {
                     Some(id) => format!("Prompt {id}"),
                     None => "Custom prompt".to_owned(),
@@ -499,17 +589,29 @@ fn StatusLine() -> AnyView {
                         o.label_str, o.spec.position, o.l0_total, o.l0_before
                     )
                 });
+                let semantics = g.params.semantics.name();
+                if let (Some(c), Some(target)) = (completeness(g), g.params.trace) {
+                    let all = ctx.fetched.with(|f| f.as_ref().map_or(0, |f| f.nodes.len()));
+                    return format!(
+                        "{what}: {} tokens, {} nodes (of {all}), {shown} edges (of {}) · trace of \
+                         {}, completeness {:.1}% · {semantics} semantics{normalized}{optimized}",
+                        g.tokens.len(),
+                        g.nodes.len(),
+                        g.total_edges,
+                        describe_target(g, target),
+                        100.0 * c,
+                    );
+                }
                 format!(
-                    "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped} · {} \
-                     semantics{normalized}{optimized}",
+                    "{what}: {} tokens, {} nodes, {shown} of {} edges shown{capped} · \
+                     {semantics} semantics{normalized}{optimized}",
                     g.tokens.len(),
                     g.nodes.len(),
                     g.edges.len(),
-                    g.params.semantics.name(),
                 )
             })
-        })
-    };
+            })
+        };
     view! {
         <div class="status-bar">
             <p class="status">{summary}</p>

@@ -40,6 +40,16 @@ pub fn PinsPanel() -> AnyView {
                                 let key = key.clone();
                                 move |_| ctx.toggle_pin(&key)
                             }>"Unpin"</button>
+                            <input class="label-input" type="text" placeholder="label (Enter keeps it)"
+                                prop:value={
+                                    let key = key.clone();
+                                    move || ctx.labels.with(|m| m.get(&key).cloned().unwrap_or_default())
+                                }
+                                on:change={
+                                    let key = key.clone();
+                                    move |ev| ctx.label(&key, &event_target_value(&ev))
+                                }
+                            />
                             {
                                 let key = key.clone();
                                 move || ctx.infos.with(|m| m.get(&key).cloned()).map(info_view)
@@ -60,8 +70,12 @@ pub fn PinsPanel() -> AnyView {
                     <ul class="results">
                         {found.hits.into_iter().map(|h| {
                             let id = h.prompt.id;
+                            let labels = ctx.labels.get_untracked();
                             let where_ = h.matches.iter()
-                                .map(|m| format!("{} @ {:?}", m.key, m.positions))
+                                .map(|m| match labels.get(&m.key) {
+                                    Some(l) => format!("{} ({l}) @ {:?}", m.key, m.positions),
+                                    None => format!("{} @ {:?}", m.key, m.positions),
+                                })
                                 .collect::<Vec<_>>()
                                 .join("; ");
                             view! {

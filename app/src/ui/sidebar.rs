@@ -15,6 +15,7 @@ pub fn Sidebar() -> AnyView {
         <aside class="sidebar">
             <PromptPicker />
             <CustomPrompt />
+            <super::trace_panel::TracePanel />
             <Controls />
         </aside>
     }

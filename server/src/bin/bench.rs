@@ -132,6 +132,88 @@ fn view(
     wire(model, tokens, ci, &top, total, params)
 }
 
+/// The trace of the last position beside the plain view (both the server's request after the CI
+/// pass: engine, selection, wire form), and the page's pruning of the traced graph at the default
+/// thresholds, at each prompt length.
+fn trace_vs_view(fast: &FastEngine, model: &SpdModel, lens: &[usize], rng: &mut Rng, reps: usize) {
+    use app::types::TraceTarget;
+    let th = Thresholds {
+        ci: 0.1,
+        output_prob: 0.01,
+    };
+    let params = GraphParams {
+        output_prob_threshold: 0.01,
+        ..GraphParams::default()
+    };
+    println!(
+        "
+trace of the last position beside the plain view (ci_threshold 0.1):"
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>11} {:>9} {:>10} {:>12}",
+        "tokens", "edges", "view_s", "traced_s", "traced/view", "prune_ms", "kept", "completeness"
+    );
+    for &n in lens {
+        let tokens: Vec<u32> = (0..n)
+            .map(|_| rng.below(model.vocab_size()) as u32)
+            .collect();
+        let ci = PromptCi::compute(model, &tokens).expect("ci");
+        let reps = if n >= 512 { 1 } else { reps };
+        let mut total = 0;
+        let view_s = median_secs(reps, || {
+            total = view(fast, model, &tokens, &ci, th, params).total_edges;
+        });
+        let mut traced = None;
+        let traced_s = median_secs(reps, || {
+            let (g, trace, total) = fast
+                .traced_graph(
+                    model,
+                    &ci,
+                    th,
+                    Semantics::Seed,
+                    None,
+                    TraceTarget::Last,
+                    MAX_EDGES,
+                    &|_| true,
+                    &|_, _| {},
+                )
+                .expect("traced graph");
+            traced = Some(to_wire(
+                model,
+                None,
+                vec![String::new(); tokens.len()],
+                &ci,
+                &g,
+                total,
+                GraphParams {
+                    trace: Some(TraceTarget::Last),
+                    ..params
+                },
+                &Hidden::none(),
+                Some(&trace),
+                &|t| t.to_string(),
+            ));
+        });
+        let traced = traced.expect("ran at least once");
+        let mut pruned = None;
+        let prune_s = median_secs(reps, || {
+            pruned = app::trace::prune(
+                &traced,
+                app::trace::DEFAULT_NODE_THRESHOLD,
+                app::trace::DEFAULT_EDGE_THRESHOLD,
+            );
+        });
+        let p = pruned.expect("a traced graph");
+        println!(
+            "{n:>8} {total:>10} {view_s:>10.4} {traced_s:>10.4} {:>11.2} {:>9.2} {:>10} {:>12.3}",
+            traced_s / view_s,
+            prune_s * 1e3,
+            format!("{}/{}", p.nodes.len(), traced.nodes.len()),
+            p.completeness
+        );
+    }
+}
+
 /// The server's view under both semantics (no normalisation: the running selection), seed and app
 /// side by side at each prompt length, and the ratio; with `check`, the app's whole graph from the
 /// fast engine against the reference's at the first length.
@@ -345,6 +427,7 @@ fn pile(args: &Args) {
         args.reps.min(3),
         false,
     );
+    trace_vs_view(&fast, &model, &[32, 128, 512], &mut rng, args.reps.min(3));
     drop((fast, model));
 
     let spec = SyntheticSpec::pile_transformer_ci();
@@ -541,6 +624,7 @@ fn simple_stories(args: &Args) {
         args.reps,
         !args.skip_reference,
     );
+    trace_vs_view(&fast, &model, &[32, 128, 512], &mut rng, args.reps.min(3));
     circuit(&model, "1.25M bench model", &[16, 32], &mut rng, args.reps);
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/run");
     match SpdModel::load(&demo, &candle_core::Device::Cpu) {

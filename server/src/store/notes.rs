@@ -1,6 +1,6 @@
 //! The sidecar notes file (`<db>.notes.sqlite` beside the corpus database, which stays read-only):
-//! what a researcher adds while exploring, kept per model. Today the intervention runs of each
-//! prompt; its tables are this tool's own, created on first open.
+//! what a researcher adds while exploring, kept per model: the intervention runs of each prompt
+//! and the labels given to components. Its tables are this tool's own, created on first open.
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +27,22 @@ CREATE TABLE IF NOT EXISTS intervention_runs (
     result TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idx_intervention_runs_prompt ON intervention_runs(model, prompt, id);
+CREATE TABLE IF NOT EXISTS labels (
+    model TEXT NOT NULL,
+    -- a component, `layer:c`
+    key TEXT NOT NULL,
+    label TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (model, key)
+);
 ";
+
+/// Seconds since the epoch.
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// An open notes file.
 pub struct Notes {
@@ -70,13 +85,10 @@ impl Notes {
     }
 
     pub fn add_run(&self, model: &str, prompt: &str, request: &str, result: &str) -> Result<i64> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
         self.conn.execute(
             "INSERT INTO intervention_runs (model, prompt, created_at, request, result)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![model, prompt, now, request, result],
+            params![model, prompt, now(), request, result],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -105,6 +117,32 @@ impl Notes {
             params![id, model],
         )?;
         Ok(n > 0)
+    }
+
+    /// Sets the label of `key` for `model`; an empty label removes it.
+    pub fn set_label(&self, model: &str, key: &str, label: &str) -> Result<()> {
+        if label.is_empty() {
+            self.conn.execute(
+                "DELETE FROM labels WHERE model = ?1 AND key = ?2",
+                params![model, key],
+            )?;
+        } else {
+            self.conn.execute(
+                "INSERT INTO labels (model, key, label, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (model, key) DO UPDATE SET label = ?3, updated_at = ?4",
+                params![model, key, label, now()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every label of `model`, by key.
+    pub fn labels(&self, model: &str) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, label FROM labels WHERE model = ?1 ORDER BY key")?;
+        let rows = stmt.query_map(params![model], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Run `id` of `model`, if there is one.
@@ -154,5 +192,30 @@ mod tests {
         assert_eq!(notes.runs("m", "id:1").unwrap().len(), 1);
         assert_eq!(notes.run("m", b).unwrap().unwrap().id, b);
         assert!(!db.exists(), "the corpus database is never touched");
+    }
+
+    #[test]
+    fn labels_are_kept_per_model_replaced_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.notes.sqlite");
+        let notes = Notes::open(&path).unwrap();
+        notes.set_label("m", "h.0.mlp.c_fc:3", "names").unwrap();
+        notes
+            .set_label("m", "h.0.mlp.c_fc:3", "girls' names")
+            .unwrap();
+        notes.set_label("m", "h.1.attn.q_proj:9", "plural").unwrap();
+        notes.set_label("other", "h.0.mlp.c_fc:3", "x").unwrap();
+        drop(notes);
+        let notes = Notes::open(&path).unwrap();
+        assert_eq!(
+            notes.labels("m").unwrap(),
+            vec![
+                ("h.0.mlp.c_fc:3".to_owned(), "girls' names".to_owned()),
+                ("h.1.attn.q_proj:9".to_owned(), "plural".to_owned()),
+            ]
+        );
+        notes.set_label("m", "h.1.attn.q_proj:9", "").unwrap();
+        assert_eq!(notes.labels("m").unwrap().len(), 1);
+        assert_eq!(notes.labels("other").unwrap().len(), 1);
     }
 }

@@ -13,6 +13,7 @@ use crate::circuit::Mode;
 
 /// Most tokens a vocabulary search returns.
 const MAX_VOCAB_HITS: usize = 200;
+const MAX_LABEL_CHARS: usize = 200;
 
 /// How a prompt is named in the notes file.
 fn prompt_key(prompt: &PromptRef) -> String {
@@ -29,6 +30,27 @@ impl Data {
 
     fn notes_error(e: crate::store::StoreError) -> ApiError {
         ApiError::internal(format!("notes file: {e}"))
+    }
+
+    /// Every component label of this model, by key.
+    pub fn labels(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.labels(&self.model_key()).map_err(Self::notes_error)
+    }
+
+    /// Labels component `key` (`layer:c`) with `label` (trimmed; empty removes it).
+    pub fn set_label(&self, key: &str, label: &str) -> Result<(), ApiError> {
+        self.check_component(key)?;
+        let label = label.trim();
+        if label.chars().count() > MAX_LABEL_CHARS {
+            return Err(ApiError::bad_request(format!(
+                "a label has at most {MAX_LABEL_CHARS} characters"
+            )));
+        }
+        let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes
+            .set_label(&self.model_key(), key, label)
+            .map_err(Self::notes_error)
     }
 
     /// Runs `params` and keeps the run in the prompt's history.

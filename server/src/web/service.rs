@@ -54,6 +54,22 @@ impl Prompts {
     }
 }
 
+/// The name a run goes by: its directory's (a checkpoint file's directory), not a path of this
+/// machine.
+pub fn run_name(path: &std::path::Path) -> String {
+    let dir = if path.is_file() {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    // `canonicalize` turns `.` or a trailing `..` into a name.
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// A graph request as the cache and the worker know it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GraphKey {
@@ -492,6 +508,7 @@ impl Explorer for Service {
         };
         Ok(Meta {
             model_path: d.run.model_path.display().to_string(),
+            run_name: run_name(&d.run.model_path),
             n_blocks: d.run.model.target.blocks.len(),
             n_ctx: d.run.model.block_size(),
             family: d.run.model.target.cfg.family.name().to_owned(),
@@ -631,6 +648,14 @@ impl Explorer for Service {
 
     fn vocab(&self, query: &str, limit: usize) -> Result<Vec<app::types::VocabEntry>, ApiError> {
         self.data.vocab(query, limit)
+    }
+
+    fn labels(&self) -> Result<Vec<(String, String)>, ApiError> {
+        self.data.labels()
+    }
+
+    fn set_label(&self, key: &str, label: &str) -> Result<(), ApiError> {
+        self.data.set_label(key, label)
     }
 
     fn component(&self, key: &str) -> Result<ComponentInfo, ApiError> {

@@ -204,6 +204,7 @@ impl Chunk<'_> {
 
 /// The edges of one prompt, in the reference engine's order: `(plan, s_out, c_out, source, s_in,
 /// c_in)`. `progress(done, total)` counts (target, position) units, like the host backend.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn edges(
     plans: &[TargetPlan],
     w: &TensorWeights,
