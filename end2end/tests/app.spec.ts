@@ -1,32 +1,11 @@
-import { test, expect, type Page, type ConsoleMessage } from '@playwright/test';
+import { test, expect, type Page } from '@playwright/test';
+import { watchErrors as watch, ready, drawn, probe } from './helpers';
+
+// A failed graph request (the unknown-prompt test) logs its 404; that is expected here.
+const watchErrors = (page: Page) => watch(page, true);
 
 // These tests run against whatever run the server serves (the built-in demo by default): they read
 // node positions from the canvas's data-probe attribute and prompt texts from the picker.
-
-function watchErrors(page: Page): string[] {
-  const errors: string[] = [];
-  page.on('console', (msg: ConsoleMessage) => {
-    // A failed graph request (the unknown-prompt test) logs its 404; that is expected there.
-    if (msg.type() === 'error' && !msg.text().includes('404')) errors.push(msg.text());
-  });
-  page.on('pageerror', (err) => errors.push(err.message));
-  return errors;
-}
-
-async function ready(page: Page, url = '/') {
-  await page.goto(url);
-  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
-  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
-}
-
-async function drawn(page: Page): Promise<number> {
-  return Number(await page.locator('canvas.graph').getAttribute('data-drawn'));
-}
-
-/** Component nodes on screen: [key, x, y] in CSS pixels of the canvas. */
-async function probe(page: Page): Promise<[string, number, number][]> {
-  return JSON.parse((await page.locator('canvas.graph').getAttribute('data-probe')) ?? '[]');
-}
 
 test('the page hydrates and draws the graph', async ({ page }, testInfo) => {
   const errors = watchErrors(page);

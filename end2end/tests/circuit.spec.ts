@@ -1,27 +1,9 @@
-import { test, expect, type Page, type ConsoleMessage } from '@playwright/test';
+import { test, expect, type Page } from '@playwright/test';
+import { watchErrors, ready, probe } from './helpers';
 
 // Testing a circuit from the page: select nodes with a shift-drag box, keep only them, fork a token,
 // and find the runs again after a reload (the server keeps them in its notes file). Works with any
 // run; the history may hold runs of earlier test runs, so counts are relative.
-
-function watchErrors(page: Page): string[] {
-  const errors: string[] = [];
-  page.on('console', (msg: ConsoleMessage) => {
-    if (msg.type() === 'error') errors.push(msg.text());
-  });
-  page.on('pageerror', (err) => errors.push(err.message));
-  return errors;
-}
-
-async function ready(page: Page, url = '/') {
-  await page.goto(url);
-  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
-  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
-}
-
-async function probe(page: Page): Promise<[string, number, number][]> {
-  return JSON.parse((await page.locator('canvas.graph').getAttribute('data-probe')) ?? '[]');
-}
 
 async function selectedCount(page: Page): Promise<number> {
   const text = (await page.locator('#selected-count').textContent()) ?? '';

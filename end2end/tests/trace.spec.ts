@@ -1,28 +1,10 @@
-import { test, expect, type Page, type ConsoleMessage } from '@playwright/test';
+import { test, expect, type Page } from '@playwright/test';
+import { watchErrors, ready, drawn } from './helpers';
 
 // Tracing what drives an output: the default view prunes the graph to the nodes and edges that
 // carry the last position's influence; sliders prune further on the client, clicking an output
 // traces it, and `A - B` traces a logit difference. The first tests work with any run; the last
 // follows the demo README's name-copying circuit.
-
-function watchErrors(page: Page): string[] {
-  const errors: string[] = [];
-  page.on('console', (msg: ConsoleMessage) => {
-    if (msg.type() === 'error') errors.push(msg.text());
-  });
-  page.on('pageerror', (err) => errors.push(err.message));
-  return errors;
-}
-
-async function ready(page: Page, url = '/') {
-  await page.goto(url);
-  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
-  await expect(page.locator('canvas.graph')).toHaveAttribute('data-drawn', /^\d+$/);
-}
-
-async function drawn(page: Page): Promise<number> {
-  return Number(await page.locator('canvas.graph').getAttribute('data-drawn'));
-}
 
 /** "N nodes (of M)" of the status line. */
 async function nodeCounts(page: Page): Promise<[number, number]> {

@@ -83,18 +83,20 @@ fn folded_trace_equals_the_whole_graph_trace() {
         // Some cases hide a few components, as the server's max-mean-CI filter does.
         let hide = case % 5 == 4;
         let keep = move |e: &Edge| !hide || (e.c_in % 3 != 1 && e.c_out % 3 != 1);
-        let folded = engine.traced_graph(
-            &model,
-            &ci,
-            th,
-            semantics,
-            None,
-            target,
-            usize::MAX,
-            &keep,
-            &|_, _| {},
-        );
-        let (graph, trace, total) = match folded {
+        let traced = |k: usize| {
+            engine.traced_graph(
+                &model,
+                &ci,
+                th,
+                semantics,
+                None,
+                target,
+                k,
+                &keep,
+                &|_, _| {},
+            )
+        };
+        let (graph, trace, total) = match traced(usize::MAX) {
             Ok(x) => x,
             // A last position without outputs above the threshold has nothing to trace.
             Err(e) => {
@@ -149,19 +151,7 @@ fn folded_trace_equals_the_whole_graph_trace() {
 
         // A small selection is the prefix of the whole ranking.
         let k = 1 + graph.edges.len() / 3;
-        let (small, small_trace, _) = engine
-            .traced_graph(
-                &model,
-                &ci,
-                th,
-                semantics,
-                None,
-                target,
-                k,
-                &keep,
-                &|_, _| {},
-            )
-            .unwrap();
+        let (small, small_trace, _) = traced(k).unwrap();
         assert_eq!(small.edges.len(), k.min(graph.edges.len()));
         for (j, s) in small_trace.edge.iter().enumerate() {
             assert!((s - trace.edge[j]).abs() <= 1e-9 * s.max(1e-12));

@@ -177,18 +177,16 @@ pub fn trace(edges: &[Edge], seeds: &Seeds) -> Traced {
         infl.insert(t, seeds.weight(t));
     }
     if let Seeds::Diff { .. } = seeds {
-        // The virtual target: per source, its edges into both sides.
+        // The virtual target: per source (in first-seen order), its edges into both sides.
         let mut pairs: Vec<(Node, DiffPair, [Option<usize>; 2])> = Vec::new();
+        let mut slot: HashMap<Node, usize> = HashMap::new();
         for (side, t) in targets.iter().enumerate() {
             for &i in incoming.get(t).map_or(&[][..], |(_, ids)| ids) {
                 let src = node_out(&edges[i]);
-                let at = match pairs.iter().position(|p| p.0 == src) {
-                    Some(at) => at,
-                    None => {
-                        pairs.push((src, (0.0, 0.0), [None, None]));
-                        pairs.len() - 1
-                    }
-                };
+                let at = *slot.entry(src).or_insert_with(|| {
+                    pairs.push((src, (0.0, 0.0), [None, None]));
+                    pairs.len() - 1
+                });
                 let p = &mut pairs[at];
                 if side == 0 {
                     p.1.0 += edges[i].value;

@@ -129,12 +129,7 @@ fn collect_units(
             progress,
         ),
         Collect::Strongest { k, keep } => {
-            let mut first = Vec::with_capacity(lens.len());
-            let mut at = 0;
-            for len in lens {
-                first.push(at);
-                at += len;
-            }
+            let first = unit_starts(lens);
             let longest = lens.iter().copied().max().unwrap_or(0);
             let parts = fold_units(
                 lens.len(),
@@ -173,6 +168,17 @@ fn collect_units(
         }
     };
     Collected { edges, trace: None }
+}
+
+/// Each unit's first edge index in the engine's order: the sum of the lengths before it.
+fn unit_starts(lens: &[usize]) -> Vec<usize> {
+    lens.iter()
+        .scan(0, |at, len| {
+            let first = *at;
+            *at += len;
+            Some(first)
+        })
+        .collect()
 }
 
 /// The host backend's units: (target plan, position).

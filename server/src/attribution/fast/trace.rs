@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 
 use super::fill::fold_units;
-use super::{Units, available_threads};
+use super::{Units, available_threads, unit_starts};
 use crate::attribution::graph::Edge;
 use crate::attribution::influence::{NodeIndex, Seeds, split_difference};
 use crate::attribution::layer::Layer;
@@ -51,12 +51,7 @@ pub(super) fn trace_units(
 ) -> Folded {
     let index = NodeIndex::new(alive);
     let lens = units.lens();
-    let mut first = Vec::with_capacity(lens.len());
-    let mut at = 0;
-    for len in lens {
-        first.push(at);
-        at += len;
-    }
+    let first = unit_starts(lens);
     let longest = lens.iter().copied().max().unwrap_or(0);
     let node_of = |layer: Layer, s: u32, c: u32| index.get(alive, layer.index(n), s, c);
 
