@@ -118,7 +118,8 @@ pub fn prune(graph: &GraphData, node_threshold: f64, edge_threshold: f64) -> Opt
         .iter()
         .filter(|&&i| !target[i] && !is_wte[i])
         .map(|&i| influence(i))
-        .sum();
+        // From +0: an empty `sum` of floats is −0, which the status line would print as "-0.0%".
+        .fold(0.0, |a, b| a + b);
     let completeness = if total > 0.0 {
         (carried / total).min(1.0)
     } else {
@@ -144,7 +145,7 @@ pub fn completeness(graph: &GraphData) -> Option<f64> {
         .zip(&t.influence)
         .filter(|(n, _)| !n.key.starts_with("wte:") && !t.targets.contains(&n.key))
         .map(|(_, &v)| f64::from(v))
-        .sum();
+        .fold(0.0, |a, b| a + b);
     Some((carried / t.total_influence).min(1.0))
 }
 
@@ -270,6 +271,10 @@ mod tests {
         assert_eq!(keys(&g, &p), ["wte:0:0", "output:0:9"]);
         assert!(p.edges.is_empty());
         assert_eq!(p.completeness, 0.0);
+        assert!(
+            p.completeness.is_sign_positive(),
+            "shown as 0.0%, not -0.0%"
+        );
     }
 
     #[test]
