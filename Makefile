@@ -8,6 +8,10 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 CARGO_LEPTOS_VERSION := 0.3.10
 # wasm-bindgen-cli must equal the wasm-bindgen crate in Cargo.lock.
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;q}' Cargo.lock)
+# The two tools install in a quick release profile: cargo-leptos asks for fat LTO in one codegen unit, which
+# took most of CI's install time on two cores, and neither tool's own speed matters next to the builds it runs.
+QUICK_INSTALL := CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_INCREMENTAL=false
 # cargo-leptos builds debug with this flag; sharing it lets clippy and tests reuse its build cache.
 TEST_RUSTFLAGS := --cfg erase_components
 URL := http://127.0.0.1:3000
@@ -17,12 +21,12 @@ URL := http://127.0.0.1:3000
 setup: end2end/node_modules/.installed
 	rustup target add wasm32-unknown-unknown
 	@if ! cargo leptos --version 2>/dev/null | grep -qwF '$(CARGO_LEPTOS_VERSION)'; then \
-		echo "installing cargo-leptos $(CARGO_LEPTOS_VERSION) (about 15 minutes)"; \
-		cargo install cargo-leptos --version $(CARGO_LEPTOS_VERSION) --locked; \
+		echo "installing cargo-leptos $(CARGO_LEPTOS_VERSION) (about 14 minutes on two cores)"; \
+		$(QUICK_INSTALL) cargo install cargo-leptos --version $(CARGO_LEPTOS_VERSION) --locked; \
 	fi
 	@if ! wasm-bindgen --version 2>/dev/null | grep -qwF '$(WASM_BINDGEN_VERSION)'; then \
-		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (about 5 minutes)"; \
-		cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
+		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (about 3 minutes)"; \
+		$(QUICK_INSTALL) cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
 	fi
 
 # npm ci when node_modules is missing or older than the lockfile.

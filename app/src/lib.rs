@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod canvas;
+pub mod compare;
 pub mod state;
 pub mod trace;
 pub mod types;

@@ -32,6 +32,9 @@ pub struct ViewState {
     /// strongest edges instead): the fractions of influence the kept nodes and edges carry.
     pub node_threshold: f64,
     pub edge_threshold: f64,
+    /// The second prompt ("B") the drawn one is compared with, if any; its graph is computed with
+    /// the same parameters.
+    pub compare: Option<PromptRef>,
 }
 
 impl Default for ViewState {
@@ -53,6 +56,7 @@ impl Default for ViewState {
             show_opt: false,
             node_threshold: DEFAULT_NODE_THRESHOLD,
             edge_threshold: DEFAULT_EDGE_THRESHOLD,
+            compare: None,
         }
     }
 }
@@ -141,6 +145,11 @@ impl ViewState {
             PromptRef::Stored(id) => parts.push(("prompt", id.to_string())),
             PromptRef::Text(t) => parts.push(("text", t.clone())),
         }
+        match &self.compare {
+            Some(PromptRef::Stored(id)) => parts.push(("b", id.to_string())),
+            Some(PromptRef::Text(t)) => parts.push(("btext", t.clone())),
+            None => {}
+        }
         if !self.pins.is_empty() {
             parts.push(("pins", self.pins.join(",")));
         }
@@ -210,6 +219,12 @@ impl ViewState {
                     }
                 }
                 "text" if !v.is_empty() => s.prompt = PromptRef::Text(v),
+                "b" => {
+                    if let Ok(id) = v.parse() {
+                        s.compare = Some(PromptRef::Stored(id));
+                    }
+                }
+                "btext" if !v.is_empty() => s.compare = Some(PromptRef::Text(v)),
                 "pins" => {
                     s.pins = v
                         .split(',')
@@ -350,11 +365,17 @@ mod tests {
             show_opt: true,
             node_threshold: 0.55,
             edge_threshold: 0.9,
+            compare: Some(PromptRef::Text("a boy & his \"dog\"".into())),
         };
         let q = s.to_query();
         assert!(!q.contains(' ') && !q.contains('"'), "{q}");
         assert_eq!(ViewState::from_query(&q), s);
         assert_eq!(ViewState::from_query(&format!("?{q}")), s);
+        let stored = ViewState {
+            compare: Some(PromptRef::Stored(42)),
+            ..s
+        };
+        assert_eq!(ViewState::from_query(&stored.to_query()), stored);
     }
 
     #[test]

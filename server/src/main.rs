@@ -43,6 +43,11 @@ struct Args {
     /// an H200 machine's 16 cores), tensor otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     graph_backend: GraphBackend,
+    /// Megabytes of computed graphs (compressed) kept in the sidecar `<db>.notes.sqlite`, so a
+    /// prompt opened before a restart comes back at once; the least recently used go first. 0
+    /// keeps none.
+    #[arg(long, env = "SPD_GRAPH_CACHE_MB", default_value_t = 256)]
+    graph_cache_mb: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -179,7 +184,7 @@ fn service(args: &Args) -> Result<Service, String> {
         }
     };
     tracing::info!("serving {}", model_path.display());
-    let service = Service::new(run, prompts);
+    let service = Service::with_graph_cache(run, prompts, args.graph_cache_mb << 20);
     service.check_database()?;
     Ok(service)
 }

@@ -896,3 +896,65 @@ async fn component_labels_persist_in_the_notes_file() {
     let labels: Vec<(String, String)> = call_ok(GetLabels::PATH, json!({})).await;
     assert!(!labels.iter().any(|(k, _)| *k == key));
 }
+
+/// Graphs are kept in the sidecar: a restarted server (a new service on the same database) serves a
+/// graph computed before from disk, byte for byte as computed, and says so in `x-graph-cache`; a
+/// server started with no cache budget computes it again.
+#[tokio::test]
+async fn computed_graphs_come_back_from_the_sidecar_after_a_restart() {
+    async fn fetch(service: &Service, path: &str) -> (String, String) {
+        let options = LeptosOptions::builder().output_name("spd-explorer").build();
+        let app = router(AppState::new(options, service.clone()));
+        let res = app
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let source = res.headers()["x-graph-cache"].to_str().unwrap().to_owned();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (source, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+    // Parameters no other test asks for, so the first request computes.
+    let path = "/api/prompt/2?ci_threshold=0.137&normalize=l2-layer";
+    let first = site().service.clone();
+    let (source, computed) = fetch(&first, path).await;
+    assert_eq!(source, "computed");
+    assert_eq!(
+        fetch(&first, path).await,
+        ("memory".to_owned(), computed.clone())
+    );
+
+    let d = first.data();
+    let db = match &d.prompts {
+        Prompts::Db { path, .. } => path.clone(),
+        _ => unreachable!("the site serves a database"),
+    };
+    let restart = |budget| {
+        let run = Run::load(&d.run.model_path, &candle_core::Device::Cpu).unwrap();
+        Service::with_graph_cache(run, Prompts::open_db(&db).unwrap(), budget)
+    };
+    // The worker writes the sidecar after the response: wait for the row (keyed by the request,
+    // whose threshold is kept as its bits).
+    let sidecar = server::store::notes::sidecar_path(&db);
+    let bits = format!("{}", 0.137f32.to_bits());
+    let stored = || {
+        let conn = rusqlite::Connection::open(&sidecar).unwrap();
+        conn.query_row(
+            "SELECT count(*) FROM graph_cache WHERE instr(key, ?1) > 0",
+            [&bits],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    for _ in 0..100 {
+        if stored() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored(), 1);
+    let again = fetch(&restart(server::web::service::GRAPH_CACHE_BYTES), path).await;
+    assert_eq!(again, ("disk".to_owned(), computed.clone()));
+    let uncached = fetch(&restart(0), path).await;
+    assert_eq!(uncached, ("computed".to_owned(), computed));
+}

@@ -2,6 +2,7 @@
 
 mod card;
 mod circuit;
+mod compare;
 mod graph_view;
 pub mod page;
 mod pins;

@@ -7,6 +7,7 @@ use leptos::prelude::*;
 
 use super::{
     circuit::{CircuitPanel, OptimizePanel},
+    compare::ComparePanel,
     graph_view::GraphView,
     pins::PinsPanel,
     sidebar::Sidebar,
@@ -357,6 +358,7 @@ pub fn GraphPage() -> AnyView {
                         <PinsPanel />
                     </div>
                 </div>
+                <ComparePanel />
             </section>
         </div>
     }

@@ -36,6 +36,9 @@ pub struct SpdModel {
     pub global_ci: Option<GlobalCiFn>,
     /// The checkpoint the model was read from (for provenance in databases and logs).
     pub checkpoint: std::path::PathBuf,
+    /// Every file whose bytes the model was made of (config, checkpoint, the target's weights and
+    /// config when they are separate): what identifies the run to caches.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// CI of every decomposed module for a batch, plus the plain target model's logits.
@@ -106,7 +109,11 @@ impl SpdModel {
                 f
             };
         let target = Transformer::new(target_cfg, &target_file)?;
-        let model = Self::build(config, &config_path, target, &spd)?;
+        let mut model = Self::build(config, &config_path, target, &spd)?;
+        model.files.push(model_config_path);
+        if target_file.path != loc.checkpoint {
+            model.files.push(target_file.path.clone());
+        }
         if device.same_device(&Device::Cpu) {
             Ok(model)
         } else {
@@ -265,6 +272,7 @@ impl SpdModel {
             modules,
             global_ci,
             checkpoint: spd.path.clone(),
+            files: vec![config_path.to_owned(), spd.path.clone()],
         })
     }
 
@@ -291,6 +299,7 @@ impl SpdModel {
                 .transpose()?,
             config: self.config,
             checkpoint: self.checkpoint,
+            files: self.files,
         })
     }
 

@@ -11,8 +11,10 @@
 //! - [`contexts`]: the activation-context tables (mean CI, firing density, top-k examples).
 //! - [`postings`]: packed posting lists that make searches for popular components fast.
 //! - [`queries`]: the read-only questions the web server asks.
-//! - [`notes`]: the sidecar notes file (intervention runs) beside a database.
+//! - [`notes`]: the sidecar notes file (intervention runs, labels) beside a database.
+//! - [`graph_cache`]: computed graphs kept in the sidecar, bounded in bytes.
 pub mod contexts;
+pub mod graph_cache;
 pub mod meta;
 pub mod notes;
 pub mod postings;

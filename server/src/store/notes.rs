@@ -1,6 +1,7 @@
 //! The sidecar notes file (`<db>.notes.sqlite` beside the corpus database, which stays read-only):
 //! what a researcher adds while exploring, kept per model: the intervention runs of each prompt
-//! and the labels given to components. Its tables are this tool's own, created on first open.
+//! and the labels given to components (and, in [`super::graph_cache`], computed graphs). Its tables
+//! are this tool's own, created on first open.
 
 use std::path::{Path, PathBuf};
 
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS labels (
 ";
 
 /// Seconds since the epoch.
-fn now() -> f64 {
+pub(super) fn now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -59,15 +60,61 @@ pub struct StoredRun {
     pub result: String,
 }
 
-impl Notes {
-    /// Opens (creating it and its tables if needed) the notes file at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+/// Whether `e` says the file is not a readable SQLite database (garbage, or damaged pages).
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// Opens the sidecar at `path` with `schema` applied. A file SQLite cannot read is moved aside to
+/// `<path>.corrupt-<unix seconds>` (kept, so nothing a researcher wrote is destroyed) and a fresh one
+/// is made in its place, with a log line: a damaged sidecar never stops the server.
+pub fn open_sidecar(path: &Path, schema: &str) -> Result<Connection> {
+    let open = || -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        // Only takes effect on a new file: pages freed by the graph cache's evictions are then
+        // returned to the file system by `PRAGMA incremental_vacuum`.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+        conn.execute_batch(schema)?;
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        Ok(conn)
+    };
+    let failed = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    match open() {
+        Ok(conn) => Ok(conn),
+        Err(e) if is_corrupt(&e) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".corrupt-{}", now() as u64));
+            let aside = PathBuf::from(aside);
+            std::fs::rename(path, &aside).map_err(|io| {
+                StoreError::Invalid(format!(
+                    "{} is not a readable SQLite file ({e}) and cannot be moved aside: {io}",
+                    path.display()
+                ))
+            })?;
+            tracing::warn!(
+                "{} is not a readable SQLite file ({e}); moved it to {} and started a new one",
+                path.display(),
+                aside.display()
+            );
+            open().map_err(failed)
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+impl Notes {
+    /// Opens (creating it and its tables if needed) the notes file at `path`; see [`open_sidecar`].
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = open_sidecar(path, SCHEMA)?;
         Ok(Self {
             conn,
             path: path.to_owned(),

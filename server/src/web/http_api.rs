@@ -214,12 +214,18 @@ fn graph_params(q: &HashMap<String, String>) -> Result<GraphParams, ApiError> {
     Ok(params)
 }
 
-async fn prompt(State(s): State<Service>, Path(id): Path<String>, Query(q): Params) -> ApiResult {
+/// A prompt's graph in the original's JSON; the `x-graph-cache` header says whether it was
+/// `computed`, or came from this process's cache (`memory`) or the sidecar's (`disk`).
+async fn prompt(
+    State(s): State<Service>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<([(&'static str, &'static str); 1], Json<Value>), JsonError> {
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("prompt id must be an integer, got {id:?}")))?;
     let params = graph_params(&q)?;
-    let graph = s.graph_of(PromptRef::Stored(id), params, None).await?;
+    let (graph, source) = s.graph_from(PromptRef::Stored(id), params, None).await?;
     let edges: Vec<Value> = graph
         .edges
         .iter()
@@ -263,7 +269,7 @@ async fn prompt(State(s): State<Service>, Path(id): Path<String>, Query(q): Para
             "total_edge_score": t.total_edge_score,
         });
     }
-    Ok(Json(body))
+    Ok(([("x-graph-cache", source.name())], Json(body)))
 }
 
 async fn search(State(s): State<Service>, Query(q): Params) -> ApiResult {

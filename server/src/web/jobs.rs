@@ -40,6 +40,30 @@ pub type Outcome = Result<Arc<GraphData>, ApiError>;
 /// Status updates of one computation; the outcome arrives with the last.
 pub type Watch = watch::Receiver<(Status, Option<Outcome>)>;
 
+/// Where a graph a request got came from (the HTTP API says it in `x-graph-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Computed for this request (or for an identical one it joined).
+    Computed,
+    /// This process's cache of finished graphs.
+    Memory,
+    /// The sidecar file's cache, from before a restart.
+    Disk,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Computed => "computed",
+            Source::Memory => "memory",
+            Source::Disk => "disk",
+        }
+    }
+}
+
+/// Called on the worker thread with each graph it computed, after the requests have it.
+pub type Finished<K> = dyn Fn(&K, &Arc<GraphData>) + Send + Sync + 'static;
+
 /// What the worker computes for a key, reporting `progress(done, total)`.
 pub type Compute<K> =
     dyn Fn(&K, &dyn Fn(usize, usize)) -> Result<GraphData, ApiError> + Send + Sync + 'static;
@@ -75,6 +99,12 @@ impl<K> Clone for GraphJobs<K> {
 impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
     /// Starts the worker thread; it stops when the last clone is dropped.
     pub fn start(compute: Arc<Compute<K>>) -> Self {
+        Self::start_with(compute, Arc::new(|_: &K, _: &Arc<GraphData>| {}))
+    }
+
+    /// As [`Self::start`], handing every computed graph to `finished` once it is delivered (the
+    /// service writes it to the sidecar there, off the request's path).
+    pub fn start_with(compute: Arc<Compute<K>>, finished: Arc<Finished<K>>) -> Self {
         let state = Arc::new(Mutex::new(State {
             cache: HashMap::new(),
             clock: 0,
@@ -88,7 +118,10 @@ impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
             .name("graph-worker".into())
             .spawn(move || {
                 for job in jobs {
-                    run_job(&shared, &*compute, job);
+                    let key = job.key.clone();
+                    if let Some(graph) = run_job(&shared, &*compute, job) {
+                        finished(&key, &graph);
+                    }
                 }
             })
             .expect("spawning the graph worker thread");
@@ -98,18 +131,15 @@ impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
     /// The graph for `key`: from the cache, from a computation already under way, or from a new
     /// one. `ticket`, if given, names the computation for [`Self::watch`].
     pub async fn get(&self, key: K, ticket: Option<u64>) -> Outcome {
+        self.get_from(key, ticket).await.0
+    }
+
+    /// As [`Self::get`], saying whether the graph was cached or computed.
+    pub async fn get_from(&self, key: K, ticket: Option<u64>) -> (Outcome, Source) {
         let mut rx = {
             let mut st = lock(&self.state);
-            st.clock += 1;
-            let now = st.clock;
-            if let Some((graph, used)) = st.cache.get_mut(&key) {
-                *used = now;
-                let graph = Arc::clone(graph);
-                if let Some(t) = ticket {
-                    let (_, rx) = watch::channel((Status::Done, None));
-                    remember(&mut st, t, rx);
-                }
-                return Ok(graph);
+            if let Some(graph) = cache_hit(&mut st, &key, ticket) {
+                return (Ok(graph), Source::Memory);
             }
             let rx = match st.running.get(&key) {
                 Some(rx) => rx.clone(),
@@ -122,12 +152,14 @@ impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
                     match self.queue.try_send(job) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => {
-                            return Err(ApiError::busy(format!(
+                            let busy = ApiError::busy(format!(
                                 "{QUEUE_DEPTH} graphs are already waiting; try again shortly"
-                            )));
+                            ));
+                            return (Err(busy), Source::Computed);
                         }
                         Err(TrySendError::Disconnected(_)) => {
-                            return Err(ApiError::internal("the graph worker has stopped"));
+                            let gone = ApiError::internal("the graph worker has stopped");
+                            return (Err(gone), Source::Computed);
                         }
                     }
                     st.running.insert(key, rx.clone());
@@ -141,14 +173,26 @@ impl<K: Clone + Eq + Hash + Send + 'static> GraphJobs<K> {
         };
         loop {
             if let Some(outcome) = &rx.borrow_and_update().1 {
-                return outcome.clone();
+                return (outcome.clone(), Source::Computed);
             }
             if rx.changed().await.is_err() {
-                return Err(ApiError::internal(
-                    "the graph worker dropped the computation",
-                ));
+                let dropped = ApiError::internal("the graph worker dropped the computation");
+                return (Err(dropped), Source::Computed);
             }
         }
+    }
+
+    /// The graph for `key` if this process has it finished (`ticket` then reads as done).
+    pub fn cached_graph(&self, key: &K, ticket: Option<u64>) -> Option<Arc<GraphData>> {
+        cache_hit(&mut lock(&self.state), key, ticket)
+    }
+
+    /// Puts a graph found elsewhere (the sidecar) into the cache, as if computed here; `ticket`
+    /// then reads as done.
+    pub fn insert(&self, key: K, graph: Arc<GraphData>, ticket: Option<u64>) {
+        let mut st = lock(&self.state);
+        cache_insert(&mut st, key.clone(), graph);
+        cache_hit(&mut st, &key, ticket);
     }
 
     /// The status updates of the computation named `ticket`, if one was started with it.
@@ -167,6 +211,40 @@ fn lock<K>(state: &Mutex<State<K>>) -> std::sync::MutexGuard<'_, State<K>> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A finished graph of `key`, marked as just used.
+fn cache_hit<K: Eq + Hash>(
+    st: &mut State<K>,
+    key: &K,
+    ticket: Option<u64>,
+) -> Option<Arc<GraphData>> {
+    st.clock += 1;
+    let now = st.clock;
+    let (graph, used) = st.cache.get_mut(key)?;
+    *used = now;
+    let graph = Arc::clone(graph);
+    if let Some(t) = ticket {
+        let (_, rx) = watch::channel((Status::Done, None));
+        remember(st, t, rx);
+    }
+    Some(graph)
+}
+
+/// Keeps `graph`, dropping the least recently used beyond [`CACHE_SIZE`].
+fn cache_insert<K: Clone + Eq + Hash>(st: &mut State<K>, key: K, graph: Arc<GraphData>) {
+    st.clock += 1;
+    let now = st.clock;
+    st.cache.insert(key, (graph, now));
+    if st.cache.len() > CACHE_SIZE
+        && let Some(oldest) = st
+            .cache
+            .iter()
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(k, _)| k.clone())
+    {
+        st.cache.remove(&oldest);
+    }
+}
+
 fn remember<K>(st: &mut State<K>, ticket: u64, rx: Watch) {
     if st.tickets.insert(ticket, rx).is_none() {
         st.ticket_order.push_back(ticket);
@@ -178,7 +256,12 @@ fn remember<K>(st: &mut State<K>, ticket: u64, rx: Watch) {
     }
 }
 
-fn run_job<K: Clone + Eq + Hash>(state: &Mutex<State<K>>, compute: &Compute<K>, job: Job<K>) {
+/// Computes one job and delivers its outcome; the graph, if one was made.
+fn run_job<K: Clone + Eq + Hash>(
+    state: &Mutex<State<K>>,
+    compute: &Compute<K>,
+    job: Job<K>,
+) -> Option<Arc<GraphData>> {
     let _ = job
         .status
         .send((Status::Running { done: 0, total: 0 }, None));
@@ -199,18 +282,7 @@ fn run_job<K: Clone + Eq + Hash>(state: &Mutex<State<K>>, compute: &Compute<K>, 
     let mut st = lock(state);
     st.running.remove(&job.key);
     if let Ok(graph) = &outcome {
-        st.clock += 1;
-        let now = st.clock;
-        st.cache.insert(job.key.clone(), (Arc::clone(graph), now));
-        if st.cache.len() > CACHE_SIZE
-            && let Some(oldest) = st
-                .cache
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
-        {
-            st.cache.remove(&oldest);
-        }
+        cache_insert(&mut st, job.key.clone(), Arc::clone(graph));
     }
     drop(st);
     let status = match &outcome {
@@ -219,7 +291,9 @@ fn run_job<K: Clone + Eq + Hash>(state: &Mutex<State<K>>, compute: &Compute<K>, 
             error: e.message.clone(),
         },
     };
+    let graph = outcome.as_ref().ok().map(Arc::clone);
     let _ = job.status.send((status, Some(outcome)));
+    graph
 }
 
 #[cfg(test)]
@@ -258,6 +332,54 @@ mod tests {
         assert_eq!(jobs.get(7, None).await.unwrap().prompt_id, Some(7));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "served from the cache");
         assert_eq!(jobs.cached(), 1);
+    }
+
+    #[tokio::test]
+    async fn sources_are_told_and_finished_graphs_handed_on_once() {
+        let handed = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&handed);
+        let jobs = GraphJobs::start_with(
+            Arc::new(|key: &u32, _: &dyn Fn(usize, usize)| {
+                if *key == 13 {
+                    return Err(ApiError::not_found("no prompt 13"));
+                }
+                Ok(GraphData {
+                    prompt_id: Some(i64::from(*key)),
+                    ..GraphData::default()
+                })
+            }),
+            Arc::new(move |key: &u32, g: &Arc<GraphData>| {
+                lock_vec(&seen).push((*key, g.prompt_id));
+            }),
+        );
+        let (g, src) = jobs.get_from(3, None).await;
+        assert_eq!((g.unwrap().prompt_id, src), (Some(3), Source::Computed));
+        assert_eq!(jobs.get_from(3, None).await.1, Source::Memory);
+        assert!(jobs.get_from(13, None).await.0.is_err());
+        assert!(jobs.cached_graph(&5, None).is_none());
+        let found = Arc::new(GraphData {
+            prompt_id: Some(50),
+            ..GraphData::default()
+        });
+        jobs.insert(5, found, Some(77));
+        assert_eq!(jobs.cached_graph(&5, None).unwrap().prompt_id, Some(50));
+        assert_eq!(jobs.watch(77).unwrap().borrow().0, Status::Done);
+        // The hook runs on the worker after delivery: wait for it to see graph 3.
+        for _ in 0..100 {
+            if !lock_vec(&handed).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            *lock_vec(&handed),
+            vec![(3, Some(3))],
+            "computed graphs only, once"
+        );
+    }
+
+    fn lock_vec<T>(m: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
+        m.lock().unwrap()
     }
 
     #[tokio::test]

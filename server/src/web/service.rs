@@ -13,8 +13,9 @@ use app::types::{
 };
 use rusqlite::Connection;
 
-use super::jobs::GraphJobs;
+use super::jobs::{GraphJobs, Source};
 use super::run::Run;
+use crate::store::graph_cache::GraphCache;
 use crate::store::notes::Notes;
 use crate::store::queries;
 
@@ -71,7 +72,7 @@ pub fn run_name(path: &std::path::Path) -> String {
 }
 
 /// A graph request as the cache and the worker know it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct GraphKey {
     prompt: PromptRef,
     /// `GraphParams` with floats as bits, so equal requests hash equally.
@@ -83,7 +84,7 @@ pub struct GraphKey {
     trace: Option<TraceTarget>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 struct OptimKey {
     loss: OptimLoss,
     mask: OptimMask,
@@ -157,6 +158,40 @@ impl GraphKey {
     }
 }
 
+/// Bytes of compressed graphs the sidecar keeps unless told otherwise (`--graph-cache-mb`).
+pub const GRAPH_CACHE_BYTES: u64 = 256 << 20;
+
+/// What identifies the graphs a server computes: the bytes of every file the model was made of, and
+/// the server binary that computed them (a rebuilt server may compute different numbers).
+pub fn run_identity(model: &crate::model::SpdModel) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in &model.files {
+        let sha = crate::generate::pipeline::sha256_file(f).map_err(|e| e.to_string())?;
+        h.update(sha.as_bytes());
+    }
+    let exe = std::env::current_exe().and_then(std::fs::metadata);
+    match exe {
+        Ok(m) => {
+            h.update(m.len().to_le_bytes());
+            if let Ok(t) = m
+                .modified()
+                .map(|t| t.duration_since(std::time::UNIX_EPOCH))
+            {
+                h.update(t.unwrap_or_default().as_nanos().to_le_bytes());
+            }
+        }
+        Err(e) => return Err(format!("cannot read the server binary's metadata: {e}")),
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// The key a graph is kept under in the sidecar: the request and the prompt's tokens (a database
+/// rebuilt at the same path may hold other tokens under the same id).
+fn disk_key(key: &GraphKey, tokens: &[u32]) -> String {
+    serde_json::json!({ "request": key, "tokens": tokens }).to_string()
+}
+
 /// The run, the prompts, and the graph worker.
 #[derive(Clone)]
 pub struct Service {
@@ -174,6 +209,30 @@ pub struct Data {
     pub notes: Mutex<Notes>,
     /// Every token's string, made on the first vocabulary search.
     pub(super) vocab: OnceLock<Vec<String>>,
+    /// Computed graphs in the sidecar (none without a database, or with a budget of 0).
+    graphs_on_disk: Option<GraphCache>,
+}
+
+/// The graph cache in the sidecar beside the database, if there is a database and a budget; a
+/// sidecar that cannot be used is said in the log and graphs are then computed every restart.
+fn open_graph_cache(prompts: &Prompts, run: &Run, budget: u64) -> Option<GraphCache> {
+    let Prompts::Db { path, .. } = prompts else {
+        return None;
+    };
+    if budget == 0 {
+        return None;
+    }
+    let opened = run_identity(&run.model).and_then(|id| {
+        let sidecar = crate::store::notes::sidecar_path(path);
+        GraphCache::open(&sidecar, &id, budget).map_err(|e| e.to_string())
+    });
+    match opened {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("{e}; computed graphs are not kept across restarts");
+            None
+        }
+    }
 }
 
 /// The notes beside the database: `<db>.notes.sqlite`; in memory without a database, or where the
@@ -190,21 +249,34 @@ fn open_notes(prompts: &Prompts) -> Notes {
 }
 
 impl Service {
+    /// The service over `run` and `prompts`, keeping up to [`GRAPH_CACHE_BYTES`] of graphs in the
+    /// sidecar.
     pub fn new(run: Run, prompts: Prompts) -> Self {
+        Self::with_graph_cache(run, prompts, GRAPH_CACHE_BYTES)
+    }
+
+    /// As [`Self::new`], with the sidecar's graph cache bounded to `bytes` (0: none).
+    pub fn with_graph_cache(run: Run, prompts: Prompts, bytes: u64) -> Self {
         let notes = Mutex::new(open_notes(&prompts));
+        let graphs_on_disk = open_graph_cache(&prompts, &run, bytes);
         let data = Arc::new(Data {
             run,
             prompts,
             mean_ci: OnceLock::new(),
             notes,
             vocab: OnceLock::new(),
+            graphs_on_disk,
         });
         let worker_data = Arc::clone(&data);
-        let jobs = GraphJobs::start(Arc::new(
-            move |key: &GraphKey, progress: &dyn Fn(usize, usize)| {
+        let store_data = Arc::clone(&data);
+        let jobs = GraphJobs::start_with(
+            Arc::new(move |key: &GraphKey, progress: &dyn Fn(usize, usize)| {
                 worker_data.compute(key, progress)
-            },
-        ));
+            }),
+            Arc::new(move |key: &GraphKey, graph: &Arc<GraphData>| {
+                store_data.keep_on_disk(key, graph)
+            }),
+        );
         Service { data, jobs }
     }
 
@@ -257,12 +329,50 @@ impl Service {
         params: GraphParams,
         ticket: Option<u64>,
     ) -> Result<Arc<GraphData>, ApiError> {
+        self.graph_from(prompt, params, ticket)
+            .await
+            .map(|(g, _)| g)
+    }
+
+    /// As [`Self::graph_of`], saying where the graph came from.
+    pub async fn graph_from(
+        &self,
+        prompt: PromptRef,
+        params: GraphParams,
+        ticket: Option<u64>,
+    ) -> Result<(Arc<GraphData>, Source), ApiError> {
         params.check().map_err(ApiError::bad_request)?;
         if let PromptRef::Text(text) = &prompt {
             // Refuse bad text now, not after waiting in the queue.
             self.data.run.tokenize(text)?;
         }
-        self.jobs.get(GraphKey::new(prompt, params), ticket).await
+        self.served(GraphKey::new(prompt, params), ticket).await
+    }
+
+    /// The graph of `key`: this process's cache, then the sidecar's, then the worker.
+    async fn served(
+        &self,
+        key: GraphKey,
+        ticket: Option<u64>,
+    ) -> Result<(Arc<GraphData>, Source), ApiError> {
+        if let Some(g) = self.jobs.cached_graph(&key, ticket) {
+            return Ok((g, Source::Memory));
+        }
+        if self.data.graphs_on_disk.is_some() {
+            let data = Arc::clone(&self.data);
+            let k = key.clone();
+            let found = tokio::task::spawn_blocking(move || data.graph_on_disk(&k))
+                .await
+                .ok()
+                .flatten();
+            if let Some(g) = found {
+                let g = Arc::new(g);
+                self.jobs.insert(key, Arc::clone(&g), ticket);
+                return Ok((g, Source::Disk));
+            }
+        }
+        let (outcome, source) = self.jobs.get_from(key, ticket).await;
+        outcome.map(|g| (g, source))
     }
 
     /// The graph of `prompt`'s CI optimised for `spec`, shared and cached like the others.
@@ -284,7 +394,7 @@ impl Service {
             optim: Some(OptimKey::new(&spec)),
             ..GraphKey::new(prompt, params)
         };
-        self.jobs.get(key, ticket).await
+        self.served(key, ticket).await.map(|(g, _)| g)
     }
 
     /// Progress of the computation named `ticket`.
@@ -294,6 +404,31 @@ impl Service {
 }
 
 impl Data {
+    /// The sidecar's graph for `key`, if it has one.
+    fn graph_on_disk(&self, key: &GraphKey) -> Option<GraphData> {
+        let cache = self.graphs_on_disk.as_ref()?;
+        let tokens = self.tokens_of(&key.prompt).ok()?;
+        cache.get(&disk_key(key, &tokens))
+    }
+
+    /// Writes a computed graph to the sidecar (on the worker thread, after it was delivered).
+    fn keep_on_disk(&self, key: &GraphKey, graph: &GraphData) {
+        let Some(cache) = &self.graphs_on_disk else {
+            return;
+        };
+        let kept = self
+            .tokens_of(&key.prompt)
+            .map_err(|e| e.message)
+            .and_then(|t| {
+                cache
+                    .put(&disk_key(key, &t), graph)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = kept {
+            tracing::warn!("graph cache: not kept: {e}");
+        }
+    }
+
     fn compute(
         &self,
         key: &GraphKey,
