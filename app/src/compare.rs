@@ -142,22 +142,35 @@ fn edges(g: &GraphData) -> HashMap<(Place, Place), f32> {
         .collect()
 }
 
+/// Every key of either map with its value in each (0 where absent), in key order.
+fn paired<'m, K: Ord + std::hash::Hash>(
+    a: &'m HashMap<K, f32>,
+    b: &'m HashMap<K, f32>,
+) -> Vec<(&'m K, f32, f32)> {
+    let mut keys: Vec<&K> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .map(|k| {
+            let v = |m: &HashMap<K, f32>| m.get(k).copied().unwrap_or(0.0);
+            (k, v(a), v(b))
+        })
+        .collect()
+}
+
 /// What differs between `a` and `b`. Every list is whole (the page shows the first [`ROWS`]).
 pub fn compare(a: &GraphData, b: &GraphData) -> Comparison {
     let (ca, cb) = (components(a), components(b));
     let shared = ca.keys().filter(|p| cb.contains_key(*p)).count();
 
     let (oa, ob) = (outputs(a), outputs(b));
-    let mut out_keys: Vec<&(usize, String)> = oa.keys().chain(ob.keys()).collect();
-    out_keys.sort();
-    out_keys.dedup();
-    let mut outputs: Vec<OutputChange> = out_keys
+    let mut outputs: Vec<OutputChange> = paired(&oa, &ob)
         .into_iter()
-        .map(|k| OutputChange {
+        .map(|(k, prob_a, prob_b)| OutputChange {
             from_end: k.0,
             token: k.1.clone(),
-            prob_a: oa.get(k).copied().unwrap_or(0.0),
-            prob_b: ob.get(k).copied().unwrap_or(0.0),
+            prob_a,
+            prob_b,
         })
         .collect();
     outputs.sort_by(|x, y| {
@@ -169,16 +182,13 @@ pub fn compare(a: &GraphData, b: &GraphData) -> Comparison {
     });
 
     let (ea, eb) = (edges(a), edges(b));
-    let mut edge_keys: Vec<&(Place, Place)> = ea.keys().chain(eb.keys()).collect();
-    edge_keys.sort();
-    edge_keys.dedup();
-    let mut edges: Vec<EdgeChange> = edge_keys
+    let mut edges: Vec<EdgeChange> = paired(&ea, &eb)
         .into_iter()
-        .map(|k| EdgeChange {
+        .map(|(k, val_a, val_b)| EdgeChange {
             src: k.0.clone(),
             tgt: k.1.clone(),
-            val_a: ea.get(k).copied().unwrap_or(0.0),
-            val_b: eb.get(k).copied().unwrap_or(0.0),
+            val_a,
+            val_b,
         })
         .filter(|e| e.delta() != 0.0)
         .collect();
@@ -210,45 +220,32 @@ pub fn describe_place(component: &str, from_end: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Edge, Node, OutputNode};
+    use crate::types::OutputNode;
 
+    /// A graph of `tokens` with nodes `(key, importance)`; output ids stand for words: 7 is
+    /// " Mia", 8 " Leo", anything else " was".
     fn graph(tokens: &[&str], nodes: &[(&str, f32)], edges: &[(&str, &str, f32)]) -> GraphData {
-        let outputs = nodes
+        let keys: Vec<&str> = nodes.iter().map(|(k, _)| *k).collect();
+        let mut g = crate::types::test_graph(tokens.len(), 1, &keys, 0.0, edges);
+        g.tokens = tokens.iter().map(|t| (*t).to_owned()).collect();
+        for (n, (_, v)) in g.nodes.iter_mut().zip(nodes) {
+            n.importance = *v;
+        }
+        g.outputs = nodes
             .iter()
             .filter(|(k, _)| k.starts_with("output:"))
             .map(|(k, p)| OutputNode {
                 key: (*k).to_owned(),
-                // Output ids stand for words: 7 is " Mia", 8 " Leo", 9 " was".
-                token: match k.rsplit(':').next().unwrap() {
-                    "7" => " Mia",
-                    "8" => " Leo",
+                token: match k.rsplit(':').next() {
+                    Some("7") => " Mia",
+                    Some("8") => " Leo",
                     _ => " was",
                 }
                 .to_owned(),
                 prob: *p,
             })
             .collect();
-        GraphData {
-            tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
-            n_blocks: 1,
-            nodes: nodes
-                .iter()
-                .map(|(k, v)| Node {
-                    key: (*k).to_owned(),
-                    importance: *v,
-                })
-                .collect(),
-            edges: edges
-                .iter()
-                .map(|(s, t, v)| Edge {
-                    src: (*s).to_owned(),
-                    tgt: (*t).to_owned(),
-                    val: *v,
-                })
-                .collect(),
-            outputs,
-            ..GraphData::default()
-        }
+        g
     }
 
     /// B has one token more at the front: positions line up from the end, not the start.

@@ -3,7 +3,9 @@
 pub mod api;
 pub mod canvas;
 pub mod compare;
+pub mod pinned;
 pub mod state;
+pub mod supernode;
 pub mod trace;
 pub mod types;
 mod ui;

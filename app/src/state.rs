@@ -3,6 +3,7 @@
 
 use crate::canvas::layout::LayoutMode;
 use crate::canvas::view::Viewport;
+use crate::supernode::{self, Group};
 use crate::trace::{DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD};
 use crate::types::{
     GraphParams, Normalize, OptimLoss, OptimMask, OptimizeSpec, PromptRef, Semantics, TraceTarget,
@@ -35,6 +36,8 @@ pub struct ViewState {
     /// The second prompt ("B") the drawn one is compared with, if any; its graph is computed with
     /// the same parameters.
     pub compare: Option<PromptRef>,
+    /// Supernodes: groups of nodes drawn as one (see [`crate::supernode`]).
+    pub groups: Vec<Group>,
 }
 
 impl Default for ViewState {
@@ -57,6 +60,7 @@ impl Default for ViewState {
             node_threshold: DEFAULT_NODE_THRESHOLD,
             edge_threshold: DEFAULT_EDGE_THRESHOLD,
             compare: None,
+            groups: vec![],
         }
     }
 }
@@ -156,6 +160,9 @@ impl ViewState {
         if !self.selected.is_empty() {
             parts.push(("sel", self.selected.join(",")));
         }
+        for g in &self.groups {
+            parts.push(("g", supernode::to_url(g)));
+        }
         if self.top_k != d.top_k {
             parts.push(("topk", self.top_k.to_string()));
         }
@@ -239,6 +246,7 @@ impl ViewState {
                         .map(str::to_owned)
                         .collect()
                 }
+                "g" => s.groups.extend(supernode::from_url(&v)),
                 "topk" => s.top_k = v.parse().unwrap_or(s.top_k),
                 "ci" => s.params.ci_threshold = v.parse().unwrap_or(s.params.ci_threshold),
                 "out" => {
@@ -366,6 +374,18 @@ mod tests {
             node_threshold: 0.55,
             edge_threshold: 0.9,
             compare: Some(PromptRef::Text("a boy & his \"dog\"".into())),
+            groups: vec![
+                Group {
+                    label: "names, copied".into(),
+                    members: vec!["h.0.attn.v_proj:6:28".into(), "h.1.attn.o_proj:14:3".into()],
+                    open: false,
+                },
+                Group {
+                    label: "plural|count".into(),
+                    members: vec!["h.0.mlp.c_fc:2:9".into()],
+                    open: true,
+                },
+            ],
         };
         let q = s.to_query();
         assert!(!q.contains(' ') && !q.contains('"'), "{q}");

@@ -35,8 +35,7 @@ test.describe('the demo', () => {
     const component = await first.getAttribute('data-component');
     await first.click();
     await expect(page.locator(`.pin[data-key="${component}"]`)).toBeVisible();
-    await page.locator('#compare').scrollIntoViewIfNeeded();
-    await page.screenshot({ path: `${__dirname}/../../docs/screenshots/compare.jpg`, type: 'jpeg', quality: 60, fullPage: true });
+    await page.locator('#compare').screenshot({ path: `${__dirname}/../../docs/screenshots/compare.jpg`, type: 'jpeg', quality: 70 });
 
     // Both prompts come back with the URL; swapping draws B and compares it with A.
     await page.reload();

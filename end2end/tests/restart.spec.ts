@@ -1,4 +1,4 @@
-import { test, expect } from '@playwright/test';
+import { test, expect, type Page } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 
@@ -37,17 +37,23 @@ async function stop(child: ChildProcess) {
   await exited;
 }
 
-async function serverFn(name: string, args: object) {
-  const res = await fetch(`${base}/fn/${name}`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', accept: 'application/json' },
-    body: JSON.stringify(args),
-  });
-  expect(res.status, await res.clone().text()).toBe(200);
-  return res.json();
+/** Opens the second server's page with `key` pinned; its label box. */
+async function labelBox(page: Page, key: string) {
+  await page.goto(`${base}/?pins=${encodeURIComponent(key)}`);
+  await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
+  return page.locator(`.pin[data-key="${key}"] .label-input`);
 }
 
-test('a restarted server serves a graph from the sidecar and keeps the labels', async () => {
+/** Types `label` for the pinned component and waits until the server kept it. */
+async function typeLabel(page: Page, key: string, label: string) {
+  const box = await labelBox(page, key);
+  const kept = page.waitForResponse((r) => r.url().includes('/fn/set_label') && r.ok());
+  await box.fill(label);
+  await box.press('Enter');
+  await kept;
+}
+
+test('a restarted server serves a graph from the sidecar and keeps the labels', async ({ page }) => {
   test.setTimeout(300_000);
   // A threshold no other request used, so the first start computes this graph.
   const ci = (0.1 + Math.floor(Math.random() * 10_000) / 1e6).toFixed(6);
@@ -63,7 +69,7 @@ test('a restarted server serves a graph from the sidecar and keeps the labels', 
     const [layer, , c] = edge.tgt.split(':');
     const key = `${layer}:${c}`;
     const label = `restart label ${ci}`;
-    await serverFn('set_label', { key, label });
+    await typeLabel(page, key, label);
     // The worker writes the graph to the sidecar just after answering.
     await new Promise((r) => setTimeout(r, 2_000));
     await stop(server);
@@ -72,9 +78,8 @@ test('a restarted server serves a graph from the sidecar and keeps the labels', 
     const again = await fetch(url);
     expect(again.headers.get('x-graph-cache')).toBe('disk');
     expect(await again.text()).toBe(computed);
-    const labels: [string, string][] = await serverFn('get_labels', {});
-    expect(labels).toContainEqual([key, label]);
-    await serverFn('set_label', { key, label: '' });
+    await expect(await labelBox(page, key)).toHaveValue(label);
+    await typeLabel(page, key, '');
   } finally {
     await stop(server);
   }

@@ -20,6 +20,8 @@ const HOVER: &str = "#111827";
 const GRID: &str = "#e5e7eb";
 /// The ring of a node selected for an intervention.
 const SELECTED: &str = "#16a34a";
+/// A supernode's box.
+const GROUP: &str = "#7c3aed";
 const TEXT: &str = "#374151";
 /// The faintest edge stays visible.
 const MIN_ALPHA: f64 = 0.08;
@@ -160,9 +162,16 @@ pub fn draw(
         } else {
             NODE.to_owned()
         };
+        let r = layout.radii[i];
+        if key.starts_with("group.") {
+            // A supernode: one box for its members.
+            ctx.set_fill_style_str(GROUP);
+            ctx.fill_rect(p.x - r, p.y - r * 0.7, 2.0 * r, 1.4 * r);
+            continue;
+        }
         ctx.set_fill_style_str(&fill);
         ctx.begin_path();
-        let _ = ctx.arc(p.x, p.y, layout.radii[i], 0.0, std::f64::consts::TAU);
+        let _ = ctx.arc(p.x, p.y, r, 0.0, std::f64::consts::TAU);
         ctx.fill();
     }
     for (list, colour, width, gap) in [

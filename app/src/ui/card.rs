@@ -67,8 +67,19 @@ fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize)
     };
     let ins = edge_rows(&s.incoming[i], true);
     let outs = edge_rows(&s.outgoing[i], false);
-    let head = match k.layer {
-        "output" => {
+    let group = crate::supernode::group_of(&key)
+        .and_then(|gi| ctx.view.with_untracked(|v| v.groups.get(gi).cloned()));
+    let head = match (group, k.layer) {
+        (Some(group), _) => {
+            let members = group.members.join(", ");
+            view! {
+                <div class="card-title">"Supernode "<span class="label">{group.label}</span></div>
+                <div>{group.members.len()}" members: "<span class="mono">{members}</span></div>
+                <div class="muted">"edges are the sums of the members' edges · click to open"</div>
+            }
+            .into_any()
+        }
+        (None, "output") => {
             let prob = g
                 .outputs
                 .iter()
@@ -86,11 +97,11 @@ fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize)
             }
             .into_any()
         }
-        "wte" => view! {
+        (None, "wte") => view! {
             <div class="card-title">"Embedding of "{format!("{token:?}")}" at "{k.seq}</div>
         }
         .into_any(),
-        _ => {
+        (None, _) => {
             let component = s.component[i].clone();
             let ci = g.nodes[i].importance;
             let label = ctx.labels.with(|m| m.get(&component).cloned());

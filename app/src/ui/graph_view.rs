@@ -55,7 +55,9 @@ pub fn GraphView() -> AnyView {
     // Redraw when the graph, layout, view, hover, pins or selection change; nothing else paints.
     Effect::new(move || {
         let hover = ctx.hover.get();
-        let (pins, selected) = ctx.view.with(|v| (v.pins.clone(), v.selected.clone()));
+        let (pins, selected, groups) = ctx
+            .view
+            .with(|v| (v.pins.clone(), v.selected.clone(), v.groups.clone()));
         let vp = viewport();
         let Some(el) = canvas.get() else { return };
         ctx.labels.with(|labels| {
@@ -63,7 +65,13 @@ pub fn GraphView() -> AnyView {
                 ctx.scene.with(|s| {
                     ctx.layout.with(|l| {
                         if let (Some(g), Some(s), Some(l)) = (g, s, l) {
-                            paint(&el, g, s, l, vp, hover, &pins, &selected, labels);
+                            let marks = Marks {
+                                pins: &pins,
+                                selected: &selected,
+                                labels,
+                                groups: &groups,
+                            };
+                            paint(&el, g, s, l, vp, hover, &marks);
                         }
                     })
                 })
@@ -120,6 +128,7 @@ pub fn GraphView() -> AnyView {
             ) && let Some(c) = key.get(i)
                 && !c.starts_with("output:")
                 && !c.starts_with("wte:")
+                && !c.starts_with("group.")
             {
                 ctx.want_info(c);
             }
@@ -177,6 +186,17 @@ pub fn GraphView() -> AnyView {
             {
                 ctx.toggle_selected(&key);
             }
+        } else if let Some(gi) = ctx.graph.with_untracked(|g| {
+            g.as_ref()
+                .and_then(|g| g.nodes.get(i))
+                .and_then(|n| crate::supernode::group_of(&n.key))
+        }) {
+            // A click on a supernode opens it: its members are drawn again.
+            ctx.view.update(|v| {
+                if let Some(g) = v.groups.get_mut(gi) {
+                    g.open = true;
+                }
+            });
         } else if let Some(target) = ctx.graph.with_untracked(|g| {
             g.as_ref()
                 .and_then(|g| g.nodes.get(i))
@@ -245,8 +265,16 @@ pub fn GraphView() -> AnyView {
     .into_any()
 }
 
+/// What the researcher marked: pinned components, selected nodes, labels, supernodes.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+struct Marks<'a> {
+    pins: &'a [String],
+    selected: &'a [String],
+    labels: &'a std::collections::HashMap<String, String>,
+    groups: &'a [crate::supernode::Group],
+}
+
 #[cfg(feature = "hydrate")]
-#[allow(clippy::too_many_arguments)]
 fn paint(
     el: &leptos::web_sys::HtmlCanvasElement,
     g: &crate::types::GraphData,
@@ -254,11 +282,17 @@ fn paint(
     l: &crate::canvas::layout::Layout,
     vp: Viewport,
     hover: Hover,
-    pins: &[String],
-    selected: &[String],
-    labels: &std::collections::HashMap<String, String>,
+    marks: &Marks<'_>,
 ) {
+    let Marks {
+        pins,
+        selected,
+        labels,
+        groups,
+    } = *marks;
     use crate::canvas::draw;
+    let clock = leptos::web_sys::window().and_then(|w| w.performance());
+    let started = clock.as_ref().map(|c| c.now());
     let Some((ctx2d, w, h)) = draw::fit_canvas(el, l.height) else {
         leptos::logging::error!("the graph canvas has no 2D context");
         return;
@@ -272,7 +306,14 @@ fn paint(
         pinned: pinned.clone(),
         selected: selected.clone(),
         labels: (0..s.component.len())
-            .filter_map(|i| labels.get(&s.component[i]).map(|l| (i, l.clone())))
+            .filter_map(|i| {
+                let group =
+                    crate::supernode::group_of(&g.nodes[i].key).and_then(|gi| groups.get(gi));
+                match group {
+                    Some(group) => Some((i, group.label.clone())),
+                    None => labels.get(&s.component[i]).map(|l| (i, l.clone())),
+                }
+            })
             .collect(),
         ..Default::default()
     };
@@ -324,19 +365,16 @@ fn paint(
         .filter_map(on_screen)
         .collect();
     let _ = el.set_attribute("data-outputs", &format!("[{}]", outputs.join(",")));
+    let supernodes: Vec<String> = (0..g.nodes.len())
+        .filter(|&i| crate::supernode::group_of(&g.nodes[i].key).is_some())
+        .filter_map(on_screen)
+        .collect();
+    let _ = el.set_attribute("data-groups", &format!("[{}]", supernodes.join(",")));
+    // How long this frame's painting took on the main thread, for the end-to-end timing spec.
+    if let (Some(c), Some(t0)) = (clock, started) {
+        let _ = el.set_attribute("data-paint-ms", &format!("{:.2}", c.now() - t0));
+    }
 }
 
 #[cfg(not(feature = "hydrate"))]
-#[allow(clippy::too_many_arguments)]
-fn paint<A, B, C, D, E>(
-    _: &A,
-    _: &B,
-    _: &C,
-    _: &D,
-    _: Viewport,
-    _: Hover,
-    _: &[String],
-    _: &[String],
-    _: &E,
-) {
-}
+fn paint<A, B, C, D>(_: &A, _: &B, _: &C, _: &D, _: Viewport, _: Hover, _: &Marks<'_>) {}

@@ -9,6 +9,7 @@ use super::{
     circuit::{CircuitPanel, OptimizePanel},
     compare::ComparePanel,
     graph_view::GraphView,
+    groups::GroupsPanel,
     pins::PinsPanel,
     sidebar::Sidebar,
 };
@@ -16,6 +17,7 @@ use crate::api::{get_component, get_graph, get_labels, get_meta, get_optimized_g
 use crate::canvas::layout::Layout;
 use crate::canvas::scene::Scene;
 use crate::state::ViewState;
+use crate::supernode::{Group, merge, place_groups};
 use crate::trace::{completeness, prune, pruned_graph};
 use crate::types::{ComponentInfo, GraphData, Meta};
 
@@ -133,6 +135,22 @@ impl Ctx {
         });
     }
 
+    /// Groups the selected nodes into a supernode (key `g`), and clears the selection.
+    pub fn group_selected(&self) {
+        self.view.update(|v| {
+            if v.selected.is_empty() {
+                return;
+            }
+            let label = format!("group {}", v.groups.len() + 1);
+            let members = std::mem::take(&mut v.selected);
+            v.groups.push(Group {
+                label,
+                members,
+                open: false,
+            });
+        });
+    }
+
     /// Selects every component node an edge drawn now touches.
     pub fn select_drawn(&self) {
         let keys: Vec<String> = self.graph.with_untracked(|g| {
@@ -185,9 +203,12 @@ impl Ctx {
     }
 }
 
-/// Whether a node can be intervened on: components, not the embedding or the outputs.
+/// Whether a node can be intervened on or grouped: components, not the embedding, the outputs or
+/// a supernode.
 pub fn selectable(node: &str) -> bool {
-    !node.starts_with("wte:") && !node.starts_with("output:")
+    !node.starts_with("wte:")
+        && !node.starts_with("output:")
+        && crate::supernode::group_of(node).is_none()
 }
 
 #[component]
@@ -195,12 +216,18 @@ pub fn GraphPage() -> AnyView {
     let view = RwSignal::new(ViewState::default());
     let fetched: RwSignal<Option<GraphData>> = RwSignal::new(None);
     let thresholds = Memo::new(move |_| view.with(|v| (v.node_threshold, v.edge_threshold)));
+    let groups = Memo::new(move |_| view.with(|v| v.groups.clone()));
     let graph = Memo::new(move |_| {
         let (tn, te) = thresholds.get();
-        fetched.with(|g| {
-            g.as_ref().map(|g| match prune(g, tn, te) {
-                Some(p) => pruned_graph(g, &p),
-                None => g.clone(),
+        groups.with(|groups| {
+            fetched.with(|g| {
+                g.as_ref().map(|g| {
+                    let kept = match prune(g, tn, te) {
+                        Some(p) => pruned_graph(g, &p),
+                        None => g.clone(),
+                    };
+                    merge(&kept, groups)
+                })
             })
         })
     });
@@ -226,6 +253,7 @@ pub fn GraphPage() -> AnyView {
             g.as_ref().map(|g| {
                 let mut l = Layout::new(g, w, mode, 0);
                 size_by_influence(g, &mut l);
+                groups.with(|groups| place_groups(&mut l, g, groups));
                 l
             })
         })
@@ -355,6 +383,7 @@ pub fn GraphPage() -> AnyView {
                     <CircuitPanel />
                     <div class="column">
                         <OptimizePanel />
+                        <GroupsPanel />
                         <PinsPanel />
                     </div>
                 </div>
@@ -482,6 +511,7 @@ fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
         }
         "f" if !typing => ctx.view.update(|v| v.set_viewport(Default::default())),
         "i" if !typing => ctx.intervene.update(|n| *n += 1),
+        "g" if !typing => ctx.group_selected(),
         _ => {}
     }
 }

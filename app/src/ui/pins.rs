@@ -4,6 +4,7 @@ use leptos::prelude::*;
 
 use super::card::info_view;
 use super::page::{Ctx, server_message};
+use super::pinned_view::PinnedGraph;
 use crate::api::search_components;
 use crate::types::{PromptRef, SearchResults};
 
@@ -31,6 +32,7 @@ pub fn PinsPanel() -> AnyView {
                 when=move || !pins().is_empty()
                 fallback=|| view! { <p class="muted">"Click a node to pin its component."</p> }
             >
+                <PinnedGraph />
                 <ul class="pin-list">
                     <For each=pins key=|k| k.clone() let:key>
                         <li class="pin" data-key=key.clone()>
