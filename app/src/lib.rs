@@ -3,6 +3,7 @@
 pub mod api;
 pub mod canvas;
 pub mod compare;
+pub mod export;
 pub mod pinned;
 pub mod state;
 pub mod supernode;

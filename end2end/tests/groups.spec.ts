@@ -4,6 +4,15 @@ import { watchErrors, ready, probe } from './helpers';
 // Supernodes: shift-click three nodes, press `g`, name the group; it is drawn as one box with its
 // members' edges merged, the URL keeps it, and a click opens it again. Works with any run.
 
+/** Drops a file holding `text` on the page, as a researcher drags an exported view onto it. */
+async function dropFile(page: Page, text: string) {
+  await page.evaluate((t) => {
+    const dt = new DataTransfer();
+    dt.items.add(new File([t], 'view.json', { type: 'application/json' }));
+    document.querySelector('.app')!.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+  }, text);
+}
+
 async function groupsOnCanvas(page: Page): Promise<[string, number, number][]> {
   return JSON.parse((await page.locator('canvas.graph').getAttribute('data-groups')) ?? '[]');
 }
@@ -48,8 +57,25 @@ test('three nodes grouped into a labelled supernode survive a reload and open on
   for (const [key] of nodes) await expect(card).toContainText(key);
   await page.screenshot({ path: `${__dirname}/../../docs/screenshots/supernode.jpg`, type: 'jpeg', quality: 60 });
 
+  // The exported JSON carries the supernode; dropped on a fresh page it opens the same view.
+  const [json] = await Promise.all([page.waitForEvent('download'), page.locator('#export-json').click()]);
+  const text = Buffer.concat(await (await json.createReadStream()).toArray()).toString();
+  const doc = JSON.parse(text);
+  expect(doc.supernodes[0].label).toBe('three of a kind');
+  expect(doc.edges.length).toBeGreaterThan(0);
+  expect(doc.view).toContain('g=c%7Cthree+of+a+kind%7C');
+  await ready(page, '/?prompt=2');
+  expect(await groupsOnCanvas(page)).toEqual([]);
+  await dropFile(page, text);
+  await expect(page).toHaveURL(/g=c%7Cthree\+of\+a\+kind%7C/);
+  await expect(page).toHaveURL(/trace=off/);
+  await expect.poll(async () => (await groupsOnCanvas(page)).length).toBe(1);
+  await dropFile(page, '{"not": "a view"}');
+  await expect(page.locator('.status-bar .error')).toContainText('not an exported view');
+
   // A click opens it: the members are drawn again; Ungroup removes it from the URL.
-  await canvas.click({ position: { x: gx, y: gy } });
+  const [[, ox, oy]] = await groupsOnCanvas(page);
+  await canvas.click({ position: { x: ox, y: oy } });
   await expect.poll(async () => (await groupsOnCanvas(page)).length).toBe(0);
   await expect(canvas).toHaveAttribute('data-nodes', String(nodesBefore));
   await expect(page).toHaveURL(/g=o%7C/);

@@ -369,7 +369,9 @@ pub fn GraphPage() -> AnyView {
     let _keys = window_event_listener(leptos::ev::keydown, move |ev| on_key(ctx, &ev));
 
     view! {
-        <div class="app">
+        <div class="app"
+            on:dragover=|ev: leptos::ev::DragEvent| ev.prevent_default()
+            on:drop=move |ev: leptos::ev::DragEvent| import_dropped(ctx, ev)>
             <header class="top">
                 <h1>"SPD local attributions"</h1>
                 <MetaLine />
@@ -392,6 +394,41 @@ pub fn GraphPage() -> AnyView {
         </div>
     }
     .into_any()
+}
+
+/// Opens the view of an exported JSON file dropped on the page, and keeps its labels.
+fn import_dropped(ctx: Ctx, ev: leptos::ev::DragEvent) {
+    ev.prevent_default();
+    #[cfg(feature = "hydrate")]
+    {
+        let Some(file) = ev
+            .data_transfer()
+            .and_then(|d| d.files())
+            .and_then(|f| f.get(0))
+        else {
+            return;
+        };
+        leptos::task::spawn_local(async move {
+            let text = wasm_bindgen_futures::JsFuture::from(file.text()).await;
+            let Some(text) = text.ok().and_then(|t| t.as_string()) else {
+                return;
+            };
+            match crate::export::import(&text) {
+                Ok((view, labels)) => {
+                    for (key, label) in labels {
+                        ctx.label(&key, &label);
+                    }
+                    for pin in &view.pins {
+                        ctx.want_info(pin);
+                    }
+                    ctx.view.set(view);
+                }
+                Err(e) => ctx.load.set(Load::Failed(format!("{}: {e}", file.name()))),
+            }
+        });
+    }
+    #[cfg(not(feature = "hydrate"))]
+    let _ = ctx;
 }
 
 /// The message of a server function error, without the framework's prefix.

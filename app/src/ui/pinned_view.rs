@@ -6,9 +6,6 @@ use leptos::prelude::*;
 use super::page::Ctx;
 use crate::pinned::pinned_subgraph;
 
-/// Tallest the small canvas gets, in CSS pixels; taller graphs are scaled down.
-const MAX_HEIGHT: f64 = 320.0;
-
 #[component]
 pub fn PinnedGraph() -> AnyView {
     let ctx = expect_context::<Ctx>();
@@ -58,6 +55,8 @@ fn paint(
     labels: &std::collections::HashMap<String, String>,
 ) {
     use crate::canvas::{draw, layout::Layout, layout::LayoutMode, scene::Scene, view::Viewport};
+    /// Tallest the small canvas gets, in CSS pixels; taller graphs are scaled down.
+    const MAX_HEIGHT: f64 = 320.0;
     let css_width = f64::from(el.client_width().max(240));
     let full = crate::canvas::layout::height_for(g.n_blocks);
     let zoom = (MAX_HEIGHT / full).min(1.0);

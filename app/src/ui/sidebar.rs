@@ -214,9 +214,10 @@ fn export_json(ctx: Ctx) {
     #[cfg(feature = "hydrate")]
     ctx.graph.with_untracked(|g| {
         let Some(g) = g else { return };
-        let Ok(json) = serde_json::to_string_pretty(g) else {
-            return;
-        };
+        let json = ctx.view.with_untracked(|v| {
+            ctx.labels
+                .with_untracked(|labels| crate::export::export(g, v, labels))
+        });
         let name = match g.prompt_id {
             Some(id) => format!("graph-prompt-{id}.json"),
             None => "graph-custom.json".to_owned(),
