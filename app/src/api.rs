@@ -2,8 +2,8 @@
 //! context; the original tool's HTTP API (in `server/src/web/http_api.rs`) calls the same service.
 
 use crate::types::{
-    ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta, OptimizeSpec,
-    PromptPage, PromptRef, SearchResults, VocabEntry,
+    ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, LayerComponents,
+    Meta, OptimizeSpec, Probe, PromptPage, PromptRef, SearchResults, VocabEntry,
 };
 use leptos::prelude::*;
 use leptos::server_fn::codec::Json;
@@ -103,6 +103,21 @@ pub async fn search_vocab(query: String, limit: usize) -> Result<Vec<VocabEntry>
     blocking(move || service.vocab(&query, limit)).await
 }
 
+/// Every component of `layer` (the first decomposed layer when empty) with its mean CI and firing
+/// density over the database.
+#[server(prefix = "/fn", input = Json)]
+pub async fn get_layer_components(layer: String) -> Result<LayerComponents, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.layer_components(&layer)).await
+}
+
+/// The CI of component `key` (`layer:c`) on every token of `text`.
+#[server(prefix = "/fn", input = Json)]
+pub async fn probe_component(text: String, key: String) -> Result<Probe, ServerFnError> {
+    let service = service()?;
+    blocking(move || service.probe(&text, &key)).await
+}
+
 /// Every component label of the served run: `(layer:c, label)`.
 #[server(prefix = "/fn", input = Json)]
 pub async fn get_labels() -> Result<Vec<(String, String)>, ServerFnError> {
@@ -156,8 +171,9 @@ fn respond<T>(result: Result<T, ApiError>) -> Result<T, ServerFnError> {
 #[cfg(feature = "ssr")]
 mod backend {
     use crate::types::{
-        ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun, Meta,
-        OptimizeSpec, PromptPage, PromptRef, SearchResults, VocabEntry,
+        ComponentInfo, GraphData, GraphParams, InterventionParams, InterventionRun,
+        LayerComponents, Meta, OptimizeSpec, Probe, PromptPage, PromptRef, SearchResults,
+        VocabEntry,
     };
     use std::future::Future;
     use std::pin::Pin;
@@ -197,6 +213,8 @@ mod backend {
         fn delete_intervention(&self, id: i64) -> Result<(), ApiError>;
         fn vocab(&self, query: &str, limit: usize) -> Result<Vec<VocabEntry>, ApiError>;
         fn labels(&self) -> Result<Vec<(String, String)>, ApiError>;
+        fn layer_components(&self, layer: &str) -> Result<LayerComponents, ApiError>;
+        fn probe(&self, text: &str, key: &str) -> Result<Probe, ApiError>;
         fn set_label(&self, key: &str, label: &str) -> Result<(), ApiError>;
     }
 

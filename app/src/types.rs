@@ -272,6 +272,33 @@ pub struct Meta {
     pub can_tokenize: bool,
 }
 
+/// One component of a layer with its statistics over the database (`None` without activation
+/// contexts).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComponentRow {
+    pub c: usize,
+    pub mean_ci: Option<f64>,
+    /// Fraction of indexed tokens where it fires.
+    pub density: Option<f64>,
+}
+
+/// Every component of a layer, in component order, for the component browser.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerComponents {
+    pub layer: String,
+    /// Every decomposed layer of the run, in the model's order.
+    pub layers: Vec<String>,
+    pub rows: Vec<ComponentRow>,
+}
+
+/// One component's CI on every token of a text: the run's CI pass on that text alone.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub key: String,
+    pub tokens: Vec<String>,
+    pub ci: Vec<f32>,
+}
+
 /// A prompt in the picker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PromptSummary {

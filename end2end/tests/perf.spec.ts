@@ -31,6 +31,7 @@ function report(what: string, edges: number, times: number[]) {
 test.use({ viewport: { width: 1280, height: 900 } });
 
 test('redraw time per frame: 10,000 strongest edges and the trace view', async ({ page }) => {
+  test.setTimeout(120_000);
   await ready(page, '/?trace=off&topk=10000&ci=0.01');
   const many = await drawn(page);
   expect(many).toBeGreaterThan(0);

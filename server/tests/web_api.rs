@@ -958,3 +958,72 @@ async fn computed_graphs_come_back_from_the_sidecar_after_a_restart() {
     let uncached = fetch(&restart(0), path).await;
     assert_eq!(uncached, ("computed".to_owned(), computed));
 }
+
+/// The component browser's two calls: a layer's components with the database's statistics (the
+/// same mean CI the hover card gives), and one component's CI on every token of a text, equal to
+/// the CI the graph's nodes carry.
+#[tokio::test]
+async fn the_component_browser_lists_a_layer_and_probes_a_text() {
+    use app::api::{GetLayerComponents, ProbeComponent};
+    use app::types::{LayerComponents, Probe};
+    let first: LayerComponents = call_ok(GetLayerComponents::PATH, json!({"layer": ""})).await;
+    let d = site().service.data();
+    let m = &d.run.model.modules[0];
+    assert_eq!(first.layer, m.name);
+    assert_eq!(first.layers.len(), d.run.model.modules.len());
+    assert_eq!(first.rows.len(), m.components.c());
+    let key = some_component().await;
+    let (layer, c) = key.rsplit_once(':').unwrap();
+    let c: usize = c.parse().unwrap();
+    let listed: LayerComponents = call_ok(GetLayerComponents::PATH, json!({"layer": layer})).await;
+    let info: ComponentInfo = call_ok(ComponentInfoFn::PATH, json!({"key": key})).await;
+    let row = &listed.rows[c];
+    assert_eq!(row.c, c);
+    let (Some(mean), Some(card)) = (row.mean_ci, info.mean_ci) else {
+        panic!("the database has activation contexts: {row:?} {info:?}");
+    };
+    assert!((mean - card).abs() < 1e-9, "{mean} vs {card}");
+    assert!(row.density.unwrap() > 0.0);
+    let (status, body) = call(GetLayerComponents::PATH, json!({"layer": "h.9.mlp.c_fc"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("unknown layer"), "{body}");
+
+    // Probe the component on a text and compare with its node in the same text's graph.
+    let text = "w5 w6 w7 w5";
+    let probe: Probe = call_ok(ProbeComponent::PATH, json!({"text": text, "key": key})).await;
+    assert_eq!(probe.tokens.len(), 4);
+    let graph: GraphData = call_ok(
+        GetGraph::PATH,
+        json!({"prompt": PromptRef::Text(text.into()), "params": GraphParams { ci_threshold: 0.0, ..GraphParams::default() }, "ticket": null}),
+    )
+    .await;
+    for (pos, ci) in probe.ci.iter().enumerate() {
+        let node = graph
+            .nodes
+            .iter()
+            .find(|n| n.key == format!("{layer}:{pos}:{c}"));
+        match node {
+            Some(n) => assert!(
+                (n.importance - ci).abs() < 1e-6,
+                "{pos}: {} vs {ci}",
+                n.importance
+            ),
+            None => assert!(*ci <= 0.0, "{pos}: CI {ci} but no node"),
+        }
+    }
+    for (args, why) in [
+        (
+            json!({"text": text, "key": "h.9.mlp.c_fc:1"}),
+            "unknown component",
+        ),
+        (
+            json!({"text": text, "key": "wte:0"}),
+            "not a decomposed component",
+        ),
+        (json!({"text": "  ", "key": key}), "empty"),
+    ] {
+        let (status, body) = call(ProbeComponent::PATH, args).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains(why), "{body}");
+    }
+}

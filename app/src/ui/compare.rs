@@ -133,7 +133,7 @@ fn comparison_view(ctx: Ctx, c: Comparison) -> AnyView {
     let only = move |rows: Vec<crate::compare::OnlyIn>, id: &'static str, caption: &'static str| {
         let labels = labels.clone();
         view! {
-            <table class="iv-table compare-table" id=id>
+            <table class="data-table compare-table" id=id>
                 <caption>{caption}</caption>
                 <tr><th>"component"</th><th>"token"</th><th>"CI"</th></tr>
                 {rows.into_iter().take(ROWS).map(|o| {
@@ -159,7 +159,7 @@ fn comparison_view(ctx: Ctx, c: Comparison) -> AnyView {
         <div class="compare-lists">
             {only(c.only_a, "only-a", "Alive only in A")}
             {only(c.only_b, "only-b", "Alive only in B")}
-            <table class="iv-table compare-table" id="output-changes">
+            <table class="data-table compare-table" id="output-changes">
                 <caption>"Output probabilities"</caption>
                 <tr><th>"token"</th><th>"at"</th><th>"A"</th><th>"B"</th></tr>
                 {c.outputs.into_iter().take(ROWS).map(|o| view! {
@@ -171,7 +171,7 @@ fn comparison_view(ctx: Ctx, c: Comparison) -> AnyView {
                     </tr>
                 }).collect_view()}
             </table>
-            <table class="iv-table compare-table" id="edge-changes">
+            <table class="data-table compare-table" id="edge-changes">
                 <caption>"Edges that changed most"</caption>
                 <tr><th>"source"</th><th>"target"</th><th>"A"</th><th>"B"</th></tr>
                 {c.edges.into_iter().take(ROWS).map(|e| view! {

@@ -1,5 +1,6 @@
 //! The page's components. State lives in one place, [`page::Ctx`]; the pieces read and write it.
 
+mod browser;
 mod card;
 mod circuit;
 mod compare;

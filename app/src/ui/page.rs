@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use leptos::prelude::*;
 
 use super::{
+    browser::ComponentBrowser,
     circuit::{CircuitPanel, OptimizePanel},
     compare::ComparePanel,
     graph_view::GraphView,
@@ -390,6 +391,7 @@ pub fn GraphPage() -> AnyView {
                     </div>
                 </div>
                 <ComparePanel />
+                <ComponentBrowser />
             </section>
         </div>
     }

@@ -404,6 +404,78 @@ impl Service {
 }
 
 impl Data {
+    /// Every component of `layer` (the first decomposed one when empty) with its statistics over
+    /// the database's activation contexts, in component order.
+    pub fn layer_components(&self, layer: &str) -> Result<app::types::LayerComponents, ApiError> {
+        let model = &self.run.model;
+        let layers: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
+        let module = if layer.is_empty() {
+            model.modules.first()
+        } else {
+            model.modules.iter().find(|m| m.name == layer)
+        }
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown layer {layer:?}: this run decomposes {}",
+                layers.join(", ")
+            ))
+        })?;
+        let sums = match &self.prompts {
+            Prompts::Db { .. } => {
+                let conn = self.db()?;
+                let (_, n_tokens) =
+                    crate::store::contexts::read_state(&conn).map_err(store_error)?;
+                crate::store::contexts::read_module_sums(&conn)
+                    .map_err(store_error)?
+                    .into_iter()
+                    .find(|m| m.module == module.name)
+                    .map(|m| (m, n_tokens.max(1) as f64))
+            }
+            Prompts::List(_) => None,
+        };
+        let rows = (0..module.components.c())
+            .map(|c| {
+                let stat = |f: &dyn Fn(&crate::store::contexts::ModuleSums) -> Option<f64>| {
+                    sums.as_ref().and_then(|(m, n)| f(m).map(|x| x / n))
+                };
+                app::types::ComponentRow {
+                    c,
+                    mean_ci: stat(&|m| m.sum_ci.get(c).copied()),
+                    density: stat(&|m| m.n_firing.get(c).map(|&x| x as f64)),
+                }
+            })
+            .collect();
+        Ok(app::types::LayerComponents {
+            layer: module.name.clone(),
+            layers,
+            rows,
+        })
+    }
+
+    /// The CI (lower leaky, as thresholds use it) of component `key` on every token of `text`.
+    pub fn probe(&self, text: &str, key: &str) -> Result<app::types::Probe, ApiError> {
+        self.check_component(key)?;
+        let (layer, c) = key.rsplit_once(':').unwrap_or((key, "0"));
+        let c: usize = c.parse().unwrap_or(0);
+        let module = self
+            .run
+            .model
+            .modules
+            .iter()
+            .position(|m| m.name == layer)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("{key:?} is not a decomposed component"))
+            })?;
+        let tokens = self.run.tokenize(text)?;
+        let ci = crate::attribution::PromptCi::compute(&self.run.model, &tokens)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(app::types::Probe {
+            key: key.to_owned(),
+            tokens: tokens.iter().map(|&t| self.run.token_string(t)).collect(),
+            ci: ci.lower[module].iter().map(|pos| pos[c]).collect(),
+        })
+    }
+
     /// The sidecar's graph for `key`, if it has one.
     fn graph_on_disk(&self, key: &GraphKey) -> Option<GraphData> {
         let cache = self.graphs_on_disk.as_ref()?;
@@ -791,6 +863,14 @@ impl Explorer for Service {
 
     fn set_label(&self, key: &str, label: &str) -> Result<(), ApiError> {
         self.data.set_label(key, label)
+    }
+
+    fn layer_components(&self, layer: &str) -> Result<app::types::LayerComponents, ApiError> {
+        self.data.layer_components(layer)
+    }
+
+    fn probe(&self, text: &str, key: &str) -> Result<app::types::Probe, ApiError> {
+        self.data.probe(text, key)
     }
 
     fn component(&self, key: &str) -> Result<ComponentInfo, ApiError> {
