@@ -107,3 +107,32 @@ test('the pinned subgraph draws the pinned components and the edges among them',
   await page.locator('.pins').screenshot({ path: `${__dirname}/../../docs/screenshots/pinned-subgraph.jpg`, type: 'jpeg', quality: 70 });
   expect(errors).toEqual([]);
 });
+
+test('a label typed in the hover card (l) is kept and shows after a reload', async ({ page }) => {
+  const errors = watchErrors(page);
+  await ready(page, '/?trace=off');
+  const canvas = page.locator('canvas.graph');
+  const [[key, x, y]] = await probe(page);
+  const label = `card label ${Date.now()}`;
+  await canvas.hover({ position: { x, y } });
+  const card = page.locator('.card');
+  await expect(card).toContainText(key);
+  await page.keyboard.press('l');
+  const box = card.locator('.card-label');
+  await expect(box).toBeFocused();
+  await page.keyboard.type(label);
+  await page.keyboard.press('Enter');
+  await expect(card.locator('.label')).toHaveText(label);
+  await expect(box).toHaveCount(0);
+  // Kept by the server: after a reload the card shows it again.
+  await page.reload();
+  await expect(canvas).toHaveAttribute('data-drawn', /^\d+$/);
+  await canvas.hover({ position: { x, y } });
+  await expect(card.locator('.label')).toHaveText(label);
+  // An empty label removes it.
+  await page.keyboard.press('l');
+  await box.fill('');
+  await box.press('Enter');
+  await expect(card.locator('.label')).toHaveCount(0);
+  expect(errors).toEqual([]);
+});

@@ -1,9 +1,10 @@
 import { test, expect, type Page } from '@playwright/test';
+import { probe } from './helpers';
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 
 // What the sidecar file keeps across a restart: a graph computed before comes back from disk
-// (the API says so in `x-graph-cache`), and component labels are still there. The test starts a
+// (the API says so in `x-graph-cache`), and a label typed in the hover card is still there. The test starts a
 // second server of its own on another port, over the same demo database and sidecar, stops it and
 // starts it again.
 
@@ -37,19 +38,26 @@ async function stop(child: ChildProcess) {
   await exited;
 }
 
-/** Opens the second server's page with `key` pinned; its label box. */
-async function labelBox(page: Page, key: string) {
-  await page.goto(`${base}/?pins=${encodeURIComponent(key)}`);
+/** Opens the second server's strongest-edges view and hovers its first component node; the card. */
+async function hoverFirst(page: Page) {
+  await page.goto(`${base}/?trace=off`);
   await expect(page.locator('body')).toHaveAttribute('data-hydrated', 'true');
-  return page.locator(`.pin[data-key="${key}"] .label-input`);
+  const canvas = page.locator('canvas.graph');
+  await expect(canvas).toHaveAttribute('data-drawn', /^\d+$/);
+  const [[key, x, y]] = await probe(page);
+  await canvas.hover({ position: { x, y } });
+  const card = page.locator('.card');
+  await expect(card).toContainText(key);
+  return card;
 }
 
-/** Types `label` for the pinned component and waits until the server kept it. */
-async function typeLabel(page: Page, key: string, label: string) {
-  const box = await labelBox(page, key);
+/** Types `label` in the hover card of the first node (`l`) and waits until the server kept it. */
+async function typeInCard(page: Page, label: string) {
+  const card = await hoverFirst(page);
   const kept = page.waitForResponse((r) => r.url().includes('/fn/set_label') && r.ok());
-  await box.fill(label);
-  await box.press('Enter');
+  await page.keyboard.press('l');
+  await card.locator('.card-label').fill(label);
+  await card.locator('.card-label').press('Enter');
   await kept;
 }
 
@@ -65,11 +73,8 @@ test('a restarted server serves a graph from the sidecar and keeps the labels', 
     expect(first.headers.get('x-graph-cache')).toBe('computed');
     const computed = await first.text();
     expect((await fetch(url)).headers.get('x-graph-cache')).toBe('memory');
-    const edge = JSON.parse(computed).edges.find((e: { tgt: string }) => e.tgt.includes('mlp.c_fc'));
-    const [layer, , c] = edge.tgt.split(':');
-    const key = `${layer}:${c}`;
     const label = `restart label ${ci}`;
-    await typeLabel(page, key, label);
+    await typeInCard(page, label);
     // The worker writes the graph to the sidecar just after answering.
     await new Promise((r) => setTimeout(r, 2_000));
     await stop(server);
@@ -78,8 +83,8 @@ test('a restarted server serves a graph from the sidecar and keeps the labels', 
     const again = await fetch(url);
     expect(again.headers.get('x-graph-cache')).toBe('disk');
     expect(await again.text()).toBe(computed);
-    await expect(await labelBox(page, key)).toHaveValue(label);
-    await typeLabel(page, key, '');
+    await expect((await hoverFirst(page)).locator('.label')).toHaveText(label);
+    await typeInCard(page, '');
   } finally {
     await stop(server);
   }

@@ -121,6 +121,7 @@ fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize)
     });
     view! {
         {head}
+        {label_box(ctx, &key)}
         {influence}
         <div class="card-edges">
             <div><div class="muted">"strongest in"</div><ul>{ins}</ul></div>
@@ -128,6 +129,43 @@ fn node_card(ctx: Ctx, g: &GraphData, s: &crate::canvas::scene::Scene, i: usize)
         </div>
     }
     .into_any()
+}
+
+/// While labelling (`l`), a box for the label of the node's component or supernode: Enter keeps
+/// it, Escape drops it.
+fn label_box(ctx: Ctx, key: &str) -> Option<AnyView> {
+    if !ctx.labelling.get() {
+        return None;
+    }
+    let current = match crate::supernode::group_of(key) {
+        Some(gi) => ctx
+            .view
+            .with_untracked(|v| v.groups.get(gi).map(|g| g.label.clone())),
+        None => ctx
+            .labels
+            .with_untracked(|m| m.get(&crate::canvas::scene::component_of(key)).cloned()),
+    }
+    .unwrap_or_default();
+    let input = NodeRef::<leptos::html::Input>::new();
+    Effect::new(move || {
+        if let Some(el) = input.get() {
+            let _ = el.focus();
+        }
+    });
+    let key = key.to_owned();
+    Some(
+        view! {
+            <input class="card-label" type="text" node_ref=input prop:value=current
+                placeholder="label (Enter keeps it, Esc drops it)"
+                on:keydown=move |ev: leptos::ev::KeyboardEvent| {
+                    if ev.key() == "Enter" {
+                        ctx.label_node(&key, &event_target_value(&ev));
+                        ctx.labelling.set(false);
+                    }
+                } />
+        }
+        .into_any(),
+    )
 }
 
 /// Mean CI, density and example contexts with the firing token marked.

@@ -101,6 +101,10 @@ pub fn GraphView() -> AnyView {
     };
 
     let on_move = move |ev: leptos::ev::MouseEvent| {
+        // A card taking a label holds still.
+        if ctx.labelling.get_untracked() {
+            return;
+        }
         let (x, y) = (f64::from(ev.offset_x()), f64::from(ev.offset_y()));
         ctx.pointer.set((x, y));
         if let Some(mut d) = drag.get_untracked() {
@@ -213,7 +217,9 @@ pub fn GraphView() -> AnyView {
     };
     let on_leave = move |_| {
         drag.set(None);
-        ctx.hover.set(Hover::None);
+        if !ctx.labelling.get_untracked() {
+            ctx.hover.set(Hover::None);
+        }
     };
     let on_wheel = move |ev: leptos::ev::WheelEvent| {
         ev.prevent_default();

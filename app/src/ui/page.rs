@@ -86,6 +86,9 @@ pub struct Ctx {
     /// Bumped by the keyboard (`i`) to run the intervention panel on the selection.
     pub intervene: RwSignal<u32>,
     pub search_box: NodeRef<leptos::html::Input>,
+    /// Set by `l` over a node: the hover card holds still and shows a label box for the node's
+    /// component or supernode, until Enter keeps the label or Escape drops it.
+    pub labelling: RwSignal<bool>,
 }
 
 impl Ctx {
@@ -134,6 +137,19 @@ impl Ctx {
                 }
             }
         });
+    }
+
+    /// Labels what node `key` stands for: its supernode (kept in the view), or its component (kept
+    /// by the server).
+    pub fn label_node(&self, key: &str, label: &str) {
+        match crate::supernode::group_of(key) {
+            Some(gi) => self.view.update(|v| {
+                if let Some(g) = v.groups.get_mut(gi) {
+                    g.label = label.trim().to_owned();
+                }
+            }),
+            None => self.label(&crate::canvas::scene::component_of(key), label),
+        }
     }
 
     /// Groups the selected nodes into a supernode (key `g`), and clears the selection.
@@ -275,6 +291,7 @@ pub fn GraphPage() -> AnyView {
         reload: RwSignal::new(0),
         intervene: RwSignal::new(0),
         search_box: NodeRef::new(),
+        labelling: RwSignal::new(false),
     };
     provide_context(ctx);
 
@@ -535,6 +552,11 @@ fn on_key(ctx: Ctx, ev: &leptos::ev::KeyboardEvent) {
         })
         .is_some_and(|el| matches!(el.tag_name().as_str(), "INPUT" | "TEXTAREA" | "SELECT"));
     match ev.key().as_str() {
+        "Escape" if ctx.labelling.get_untracked() => ctx.labelling.set(false),
+        "l" if !typing && matches!(ctx.hover.get_untracked(), Hover::Node(_)) => {
+            ev.prevent_default();
+            ctx.labelling.set(true);
+        }
         "Escape" => {
             ctx.hover.set(Hover::None);
             ctx.view.update(|v| {
