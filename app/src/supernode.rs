@@ -30,8 +30,9 @@ pub fn group_of(key: &str) -> Option<usize> {
 /// `graph` with every collapsed group's members (those present) replaced by one node: its
 /// importance the largest member's, its influence the members' sum; edges between a member and
 /// the rest summed per other end, edges inside a group dropped. Nodes keep their order, the
-/// supernodes follow; a node in two groups belongs to the first.
-pub fn merge(graph: &GraphData, groups: &[Group]) -> GraphData {
+/// supernodes follow; a node in two groups belongs to the first. Takes the graph by value so a view
+/// without supernodes (the usual case, on every slider step) costs no copy.
+pub fn merge(graph: GraphData, groups: &[Group]) -> GraphData {
     let index: HashMap<&str, usize> = graph
         .nodes
         .iter()
@@ -60,7 +61,7 @@ pub fn merge(graph: &GraphData, groups: &[Group]) -> GraphData {
         drawn.push((gi, members));
     }
     if drawn.is_empty() {
-        return graph.clone();
+        return graph;
     }
 
     // New index of every old node: kept nodes in order, then one per drawn group.
@@ -139,7 +140,7 @@ pub fn merge(graph: &GraphData, groups: &[Group]) -> GraphData {
         nodes,
         edges,
         trace,
-        ..graph.clone()
+        ..graph
     }
 }
 
@@ -247,7 +248,7 @@ mod tests {
             ],
         );
         let m = merge(
-            &g,
+            g.clone(),
             &[group(&["h.0.attn.v_proj:0:1", "h.0.attn.v_proj:1:2"])],
         );
         let keys: Vec<&str> = m.nodes.iter().map(|n| n.key.as_str()).collect();
@@ -266,8 +267,8 @@ mod tests {
             open: true,
             ..group(&["h.0.attn.v_proj:0:1", "h.0.attn.v_proj:1:2"])
         };
-        assert_eq!(merge(&g, &[open]), g);
-        assert_eq!(merge(&g, &[group(&["h.1.mlp.c_fc:0:0"])]), g);
+        assert_eq!(merge(g.clone(), &[open]), g);
+        assert_eq!(merge(g.clone(), &[group(&["h.1.mlp.c_fc:0:0"])]), g);
     }
 
     #[test]
@@ -295,7 +296,10 @@ mod tests {
             total_influence: 1.0,
             total_edge_score: 1.25,
         });
-        let m = merge(&g, &[group(&["h.0.mlp.c_fc:0:1", "h.0.mlp.c_fc:0:2"])]);
+        let m = merge(
+            g.clone(),
+            &[group(&["h.0.mlp.c_fc:0:1", "h.0.mlp.c_fc:0:2"])],
+        );
         let t = m.trace.unwrap();
         assert_eq!(t.influence, vec![1.0, 1.0, 1.0]);
         assert_eq!(t.edge_scores, vec![1.0, 0.25]);
@@ -312,7 +316,7 @@ mod tests {
             &[],
         );
         let m = merge(
-            &g,
+            g.clone(),
             &[
                 group(&["h.0.mlp.c_fc:0:1", "h.0.mlp.c_fc:0:2"]),
                 group(&["h.0.mlp.c_fc:0:2", "h.0.mlp.c_fc:0:3"]),
@@ -326,7 +330,7 @@ mod tests {
     fn supernodes_sit_at_their_members_centre() {
         let g = test_graph(4, 2, &["h.0.mlp.c_fc:0:1", "h.1.mlp.c_fc:2:2"], 0.5, &[]);
         let groups = [group(&["h.0.mlp.c_fc:0:1", "h.1.mlp.c_fc:2:2"])];
-        let m = merge(&g, &groups);
+        let m = merge(g.clone(), &groups);
         let mut l = Layout::new(&m, 900.0, crate::canvas::layout::LayoutMode::Jittered, 0);
         assert_eq!(
             l.points[0], None,

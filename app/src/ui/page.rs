@@ -243,7 +243,7 @@ pub fn GraphPage() -> AnyView {
                         Some(p) => pruned_graph(g, &p),
                         None => g.clone(),
                     };
-                    merge(&kept, groups)
+                    merge(kept, groups)
                 })
             })
         })

@@ -420,7 +420,10 @@ impl Data {
                 layers.join(", ")
             ))
         })?;
-        let sums = match &self.prompts {
+        // Mean CI from the one map the hover cards use (it also reads the original tool's
+        // `activation_contexts`); density from this tool's per-module firing counts.
+        let means = self.mean_ci();
+        let density = match &self.prompts {
             Prompts::Db { .. } => {
                 let conn = self.db()?;
                 let (_, n_tokens) =
@@ -429,20 +432,17 @@ impl Data {
                     .map_err(store_error)?
                     .into_iter()
                     .find(|m| m.module == module.name)
-                    .map(|m| (m, n_tokens.max(1) as f64))
+                    .map(|m| (m.n_firing, n_tokens.max(1) as f64))
             }
             Prompts::List(_) => None,
         };
         let rows = (0..module.components.c())
-            .map(|c| {
-                let stat = |f: &dyn Fn(&crate::store::contexts::ModuleSums) -> Option<f64>| {
-                    sums.as_ref().and_then(|(m, n)| f(m).map(|x| x / n))
-                };
-                app::types::ComponentRow {
-                    c,
-                    mean_ci: stat(&|m| m.sum_ci.get(c).copied()),
-                    density: stat(&|m| m.n_firing.get(c).map(|&x| x as f64)),
-                }
+            .map(|c| app::types::ComponentRow {
+                c,
+                mean_ci: means.get(&format!("{}:{c}", module.name)).copied(),
+                density: density
+                    .as_ref()
+                    .and_then(|(n, total)| n.get(c).map(|&x| x as f64 / total)),
             })
             .collect();
         Ok(app::types::LayerComponents {
